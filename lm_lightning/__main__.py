@@ -1,0 +1,3 @@
+from lm_lightning.cli import main
+
+main()

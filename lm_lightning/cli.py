@@ -1,0 +1,40 @@
+"""``lm-lightning <command> [hydra overrides]``: one console command, one Hydra app per subcommand."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("lm_lightning.train", "train a model from a composed config (conf/train.yaml)"),
+    "prepare": ("lm_lightning.prepare", "clean, split and tokenize a corpus into the cache (conf/prepare.yaml)"),
+    "evaluate": ("lm_lightning.evaluate", "loss, perplexity and bits-per-byte of a checkpoint on a text file"),
+    "generate": ("lm_lightning.generate", "sample text from a checkpoint (greedy, top-k, top-p, temperature)"),
+}
+
+
+def usage() -> str:
+    rows = "\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
+    return (
+        "usage: lm-lightning <command> [key=value ...] [-m] [--help]\n\n"
+        f"commands:\n{rows}\n\n"
+        "Every command is a Hydra app: override any config value as key=value, run a sweep with -m,\n"
+        "and see the composed config with --cfg job. Example: lm-lightning train experiment=shakespeare_char"
+    )
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    command = sys.argv[1]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(COMMANDS[command][0])
+    sys.argv = [f"lm-lightning {command}", *sys.argv[2:]]
+    module.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Where documents come from: local text, JSONL, Parquet, Hugging Face datasets, or the
+Python standard library (the offline default corpus, present wherever Python is).
+
+Every source streams: documents are yielded one at a time in a fixed order, so the same
+config always gives the same documents and a large corpus never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import platform
+import sysconfig
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lm_lightning.errors import UserError
+
+KINDS = ("text", "jsonl", "parquet", "hf", "stdlib")
+
+# Folders of the standard library that are test suites, not library code.
+_STDLIB_SKIP_DIRS = {"site-packages", "test", "tests", "__pycache__"}
+_STDLIB_SKIP_PATHS = {"idlelib/idle_test", "lib2to3/tests"}
+
+
+def plain_config(cfg: Any) -> Any:
+    """A config (dict or OmegaConf node) as plain JSON-able dicts, lists and scalars."""
+    if isinstance(cfg, Mapping):
+        return {str(k): plain_config(v) for k, v in cfg.items()}
+    if isinstance(cfg, Sequence) and not isinstance(cfg, (str, bytes)):
+        return [plain_config(v) for v in cfg]
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def iter_documents(source: Mapping) -> Iterator[str]:
+    """Yield the documents of ``source`` (a ``data.source`` config) in a deterministic order.
+
+    ``max_bytes`` (UTF-8 bytes, optional) cuts the stream to a fixed prefix: the last
+    document is truncated so the total never exceeds it.
+    """
+    kind = _kind(source)
+    readers = {"text": _text_records, "jsonl": _jsonl_records, "parquet": _parquet_records,
+               "hf": _hf_records, "stdlib": _stdlib_records}
+    split = _document_splitter(source.get("document_split") or "file")
+    documents = (doc for record in readers[kind](source) for doc in split(record))
+    yield from _take_bytes(documents, source.get("max_bytes"))
+
+
+def describe_source(source: Mapping) -> dict:
+    """A JSON-able fingerprint of ``source`` for cache keys: the config plus, for local
+    files, each file's path, size (bytes) and mtime_ns, so an edited file changes the key."""
+    kind = _kind(source)
+    description: dict[str, Any] = {"config": plain_config(source)}
+    if kind == "stdlib":
+        description.update(python=platform.python_version(), stdlib=str(_stdlib_root()))
+    elif kind == "hf":
+        description.update(note="remote dataset: identified by name/config/split only")
+    else:
+        description["files"] = [
+            {"path": str(f), "size": (st := f.stat()).st_size, "mtime_ns": st.st_mtime_ns}
+            for f in _files(source, _SUFFIXES[kind])
+        ]
+    return description
+
+
+# --- record readers: each yields the raw text of one file or record ---------------------
+
+_SUFFIXES = {"text": (".txt",), "jsonl": (".jsonl", ".jsonl.gz"), "parquet": (".parquet",)}
+
+
+def _kind(source: Mapping) -> str:
+    kind = source.get("kind")
+    if kind not in KINDS:
+        raise UserError(f"unknown data.source.kind {kind!r}: choose one of {', '.join(KINDS)}")
+    return kind
+
+
+def _files(source: Mapping, suffixes: tuple[str, ...]) -> list[Path]:
+    """The file itself, or a folder's matching files in sorted relative-path order."""
+    raw = source.get("path")
+    if not raw:
+        raise UserError(f"data.source.path is not set (kind={source.get('kind')}): point it at a file or folder")
+    path = Path(os.path.expanduser(str(raw)))
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UserError(f"data file not found: {path} (set data.source.path to an existing file or folder)")
+    files = [p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes)
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    if not files:
+        raise UserError(f"no {'/'.join(suffixes)} files in folder {path} (check data.source.path and data.source.kind)")
+    return sorted(files, key=lambda p: p.relative_to(path).as_posix())
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}): convert it or remove it from data.source.path") from None
+
+
+def _text_records(source: Mapping) -> Iterator[str]:
+    for path in _files(source, _SUFFIXES["text"]):
+        yield _read_utf8(path)
+
+
+def _jsonl_records(source: Mapping) -> Iterator[str]:
+    field = source.get("text_field") or "text"
+    for path in _files(source, _SUFFIXES["jsonl"]):
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {number} is not valid JSON ({e.msg}): fix or remove that line") from None
+                yield _field(record, field, f"{path} line {number}")
+
+
+def _parquet_records(source: Mapping) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError('data.source.kind=parquet needs pyarrow: pip install pyarrow (or "lm-lightning[parquet]")') from None
+    field = source.get("text_field") or "text"
+    for path in _files(source, _SUFFIXES["parquet"]):
+        parquet = pq.ParquetFile(path)
+        if field not in parquet.schema_arrow.names:
+            raise UserError(f"{path} has no column {field!r} (columns: {parquet.schema_arrow.names}); set data.source.text_field")
+        for batch in parquet.iter_batches(columns=[field], batch_size=1024):
+            yield from (text for text in batch.column(0).to_pylist() if text)
+
+
+def _hf_records(source: Mapping) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError('data.source.kind=hf needs the datasets package: pip install "lm-lightning[hf]"') from None
+    name, field = source.get("name"), source.get("text_field") or "text"
+    if not name:
+        raise UserError("data.source.name is not set: give a Hugging Face dataset name, e.g. wikitext")
+    dataset = datasets.load_dataset(name, source.get("config"), split=source.get("split") or "train", streaming=True)
+    for index, record in enumerate(dataset):
+        yield _field(record, field, f"{name} record {index}")
+
+
+def _field(record: Any, field: str, where: str) -> str:
+    if not isinstance(record, Mapping) or not isinstance(record.get(field), str):
+        raise UserError(f"{where} has no text field {field!r}: set data.source.text_field")
+    return record[field]
+
+
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_records(source: Mapping) -> Iterator[str]:
+    """The interpreter's own ``.py`` library sources, test suites excluded."""
+    root = _stdlib_root()
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        rel = Path(folder).relative_to(root).as_posix()
+        dirs[:] = [d for d in dirs if d not in _STDLIB_SKIP_DIRS and (Path(rel) / d).as_posix() not in _STDLIB_SKIP_PATHS]
+        paths += [Path(folder, f).relative_to(root).as_posix() for f in files if f.endswith(".py")]
+    for rel in sorted(paths):
+        try:
+            yield (root / rel).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # a few files are deliberately non-UTF-8; skipping keeps the corpus clean
+
+
+# --- document splitting and the byte cap ------------------------------------------------
+
+def _document_splitter(mode: str):
+    """``file`` (one document per file/record), ``paragraph`` (split on blank lines) or
+    ``lines:N`` (chunks of N lines, newlines kept, so the chunks join back to the file)."""
+    if mode == "file":
+        return lambda text: [text] if text else []
+    if mode == "paragraph":
+        return _paragraphs
+    if mode.startswith("lines:") and mode[6:].isdigit() and int(mode[6:]) > 0:
+        return lambda text, n=int(mode[6:]): _line_chunks(text, n)
+    raise UserError(f"data.source.document_split={mode!r} is not valid: use file, paragraph or lines:<N> (e.g. lines:100)")
+
+
+def _lines(text: str) -> Iterable[str]:
+    return io.StringIO(text, newline="\n")  # split on "\n" only, keep line endings
+
+
+def _paragraphs(text: str) -> Iterator[str]:
+    block: list[str] = []
+    for line in _lines(text):
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "".join(block).rstrip("\n")
+            block = []
+    if block:
+        yield "".join(block).rstrip("\n")
+
+
+def _line_chunks(text: str, n: int) -> Iterator[str]:
+    chunk: list[str] = []
+    for line in _lines(text):
+        chunk.append(line)
+        if len(chunk) == n:
+            yield "".join(chunk)
+            chunk = []
+    if chunk:
+        yield "".join(chunk)
+
+
+def _take_bytes(documents: Iterable[str], max_bytes: int | None) -> Iterator[str]:
+    if max_bytes is None:
+        yield from documents
+        return
+    budget = int(max_bytes)
+    for doc in documents:
+        if budget <= 0:
+            return
+        size = len(doc.encode("utf-8"))
+        if size > budget:  # cut inside this document; never split a UTF-8 character
+            doc = doc.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
+            if doc:
+                yield doc
+            return
+        budget -= size
+        yield doc

@@ -1,0 +1,175 @@
+"""Reusable transformer layers: norms, feed-forward, positional encodings, attention with a KV cache.
+
+Every tensor shape is written as (batch, seq, d_model) = (B, T, C); heads split C into
+(n_head, head_dim). Nothing here knows about Lightning, Hydra or a training objective.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def build_norm(kind: str, dim: int, bias: bool) -> nn.Module:
+    """LayerNorm (optionally without bias, as nanoGPT) or RMSNorm."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, bias=bias)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim)
+    raise ValueError(f"unknown norm {kind!r}: choose layernorm or rmsnorm")
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: ReLU/GELU with one hidden layer, or SwiGLU with a gated hidden layer.
+
+    SwiGLU uses 2/3 of the hidden width so its parameter count matches the 2-matrix MLP.
+    """
+
+    def __init__(self, dim: int, hidden: int, activation: str, bias: bool, dropout: float) -> None:
+        super().__init__()
+        if activation not in ("gelu", "relu", "swiglu"):
+            raise ValueError(f"unknown activation {activation!r}: choose gelu, relu or swiglu")
+        self.activation = activation
+        if activation == "swiglu":
+            hidden = int(2 * hidden / 3)
+            self.c_gate = nn.Linear(dim, hidden, bias=bias)
+        self.c_fc = nn.Linear(dim, hidden, bias=bias)
+        self.c_proj = nn.Linear(hidden, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        if self.activation == "swiglu":
+            h = F.silu(self.c_gate(x)) * h
+        elif self.activation == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.relu(h)
+        return self.dropout(self.c_proj(h))
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """The fixed sin/cos table of Vaswani et al. 2017, shape (length, dim)."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return table
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), applied to queries and keys per head."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: (B, n_head, T, head_dim), positions start..start+T-1."""
+        T = x.size(-2)
+        cos = self.cos[start : start + T].to(x.dtype)
+        sin = self.sin[start : start + T].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return rotated.flatten(-2)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions already processed, per layer: (B, n_head, T_max, head_dim)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, batch: int, n_head: int, max_len: int, head_dim: int, like: torch.Tensor) -> "KVCache":
+        shape = (batch, n_head, max_len, head_dim)
+        return cls(like.new_zeros(shape), like.new_zeros(shape))
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.size(-2)
+        self.k[:, :, self.length : self.length + T] = k
+        self.v[:, :, self.length : self.length + T] = v
+        self.length += T
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``.
+
+    ``causal=True`` masks future positions. With a KV cache the new queries attend to every
+    cached key plus the causal part of the new block.
+    """
+
+    def __init__(self, dim: int, n_head: int, bias: bool, dropout: float, rotary: Rotary | None = None) -> None:
+        super().__init__()
+        if dim % n_head:
+            raise ValueError(f"n_embd={dim} must be divisible by n_head={n_head}")
+        self.n_head = n_head
+        self.head_dim = dim // n_head
+        self.c_attn = nn.Linear(dim, 3 * dim, bias=bias)
+        self.c_proj = nn.Linear(dim, dim, bias=bias)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, causal: bool = True, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        start = cache.length if cache is not None else 0
+        if self.rotary is not None:
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        mask = None
+        if cache is not None:
+            k, v = cache.append(k, v)
+            if causal and T > 1 and start > 0:
+                # new query i sits at position start+i and sees keys 0..start+i
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        is_causal = causal and mask is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class Block(nn.Module):
+    """One transformer block: attention and feed-forward, each with a residual, pre- or post-norm."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_head: int,
+        mlp_ratio: float,
+        activation: str,
+        norm: str,
+        norm_position: str,
+        bias: bool,
+        dropout: float,
+        rotary: Rotary | None = None,
+    ) -> None:
+        super().__init__()
+        if norm_position not in ("pre", "post"):
+            raise ValueError(f"unknown norm_position {norm_position!r}: choose pre or post")
+        self.pre_norm = norm_position == "pre"
+        self.ln_1 = build_norm(norm, dim, bias)
+        self.attn = SelfAttention(dim, n_head, bias, dropout, rotary)
+        self.ln_2 = build_norm(norm, dim, bias)
+        self.mlp = FeedForward(dim, int(mlp_ratio * dim), activation, bias, dropout)
+
+    def forward(self, x: torch.Tensor, causal: bool = True, cache: KVCache | None = None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.ln_1(x), causal, cache)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, causal, cache))
+        return self.ln_2(x + self.mlp(x))

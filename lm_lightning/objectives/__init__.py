@@ -1,0 +1,1 @@
+"""Pre-training objectives: each turns a batch into model inputs, targets and a loss."""

@@ -1,0 +1,129 @@
+"""What every command shares: the config folder, the error contract, loggers, callbacks, checkpoints."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lm_lightning.errors import UserError
+
+log = logging.getLogger("lm_lightning")
+
+
+def _conf_dir() -> str:
+    """``conf/`` at the repository root (editable install, source checkout)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "conf", here / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise RuntimeError(f"lm-lightning's conf/ folder was not found next to {here}: install with `pip install -e .`")
+
+
+CONF_DIR = _conf_dir()
+
+
+def _register_resolvers() -> None:
+    """``${run_name:<experiment>}`` and ``${sweep_group:<experiment>}`` for tracker configs."""
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", lambda experiment: run_identity(experiment)[0])
+        OmegaConf.register_new_resolver("sweep_group", lambda experiment: run_identity(experiment)[1])
+
+
+def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """Turns ``fn(cfg)`` into a Hydra app over ``conf/<config_name>.yaml``.
+
+    A :class:`UserError` ends the command with one line ``error: <message>`` and exit status 2,
+    not a traceback; in a multirun the failing job is reported and the sweep goes on.
+    """
+
+    def decorate(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        @functools.wraps(fn)
+        def task(cfg: DictConfig) -> Any:
+            try:
+                return fn(cfg)
+            except UserError as err:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                if HydraConfig.get().mode == RunMode.MULTIRUN:
+                    return None
+                sys.exit(2)
+
+        _register_resolvers()
+        return hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(task)
+
+    return decorate
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiates every entry with a ``_target_`` in a group such as ``logger`` or ``callbacks``; null entries are off."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def run_identity(experiment: str) -> tuple[str, str | None]:
+    """(run name, sweep group) for trackers: named from the job's overrides, grouped by the multirun sweep."""
+    hc = HydraConfig.get()
+    overrides = hc.job.override_dirname
+    name = f"{experiment}-{overrides}" if overrides else experiment
+    if hc.mode != RunMode.MULTIRUN:
+        return name, None
+    return name, f"{experiment}-{Path(hc.sweep.dir).name}"
+
+
+def plain(cfg: Any) -> Any:
+    """DictConfig → plain containers, resolved."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def resolve_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
+    """``last`` → ``<run>/checkpoints/last.ckpt`` of this run folder (error if missing); a path must exist."""
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        path = checkpoint_dir / "last.ckpt"
+        if not path.is_file():
+            raise UserError(
+                f"ckpt_path=last but {path} does not exist: resume inside the earlier run's folder with "
+                "hydra.run.dir=<that folder> ckpt_path=last, or pass ckpt_path=<file.ckpt>"
+            )
+        return str(path)
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"checkpoint not found: {ckpt_path} (pass ckpt_path=<an existing .ckpt file>)")
+    return ckpt_path
+
+
+def load_trained(ckpt_path: str, device: str = "cpu"):
+    """A trained LanguageModelTask and its tokenizer, from one checkpoint file."""
+    from lm_lightning.data.tokenizer import Tokenizer
+    from lm_lightning.tasks.language_model import LanguageModelTask
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path} (pass ckpt_path=<an existing .ckpt file>)")
+    try:
+        task = LanguageModelTask.load_from_checkpoint(path, map_location=device, weights_only=False)
+    except Exception as err:  # a truncated or foreign file fails in many ways inside torch.load
+        raise UserError(f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); pass another ckpt_path") from err
+    if task.tokenizer_model is None:
+        raise UserError(f"checkpoint {path} carries no tokenizer: it was not written by lm-lightning train")
+    with tempfile.NamedTemporaryFile(suffix=".model", delete=False) as f:
+        f.write(task.tokenizer_model)
+    tokenizer = Tokenizer.load(f.name)
+    task.eval()
+    return task, tokenizer
+
+
+def set_threads(num_threads: int | None) -> None:
+    if num_threads:
+        torch.set_num_threads(num_threads)

@@ -1,0 +1,1 @@
+"""LightningModules: how a model is trained, independent of which architecture it is."""

@@ -1,0 +1,114 @@
+"""Pre-training LightningModule: any model from config, any objective, AdamW-style optimizers with
+weight-decay groups, a per-step schedule, and the metrics of SPEC §5 and §8."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lm_lightning.tasks.metrics import LanguageModelMetrics
+
+
+class LanguageModelTask(L.LightningModule):
+    """Trains ``model`` (built from its Hydra config) with ``objective``.
+
+    The model is only used through its interface: ``forward``, ``parameter_count()`` and
+    ``flops_per_token(context)``. ``bytes_per_token`` maps a split name to its UTF-8 bytes per
+    token, for bits-per-byte.
+    """
+
+    def __init__(
+        self,
+        model: Mapping,
+        objective: Mapping,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        bytes_per_token: Mapping[str, float] | None = None,
+        tokens_per_step: int | None = None,
+        tokenizer_model: bytes | None = None,
+    ) -> None:
+        super().__init__()
+        # configs are saved so a checkpoint rebuilds the model alone; callables are not serialisable
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "tokenizer_model"])
+        self.model: nn.Module = hydra.utils.instantiate(_plain(model))
+        self.objective = hydra.utils.instantiate(_plain(objective))
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.bytes_per_token = dict(bytes_per_token or {})
+        self.tokens_per_step = tokens_per_step
+        self.tokenizer_model = tokenizer_model
+        self.train_metrics = LanguageModelMetrics(self.bytes_per_token.get("train"))
+        self.val_metrics = LanguageModelMetrics(self.bytes_per_token.get("val"))
+        self.context = getattr(self.model, "context_length", None)
+        self._flops_per_token = self.model.flops_per_token(self.context)
+        self._batch_tokens = 0
+        self.last_val_step: int | None = None  # global step of the latest validation
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    @property
+    def flops_per_batch(self) -> int:
+        """Training FLOPs of one micro-batch, read by Lightning's ThroughputMonitor."""
+        return self._flops_per_token * self._batch_tokens
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self._batch_tokens = batch[:, 1:].numel()
+        out = self.objective(self.model, batch)
+        # per-step values go to the logger only; the progress bar shows the same loss
+        self.train_metrics.update(out.nll_sum, out.n_tokens)
+        metrics = self.train_metrics.compute()
+        self.train_metrics.reset()
+        self.log("train/loss", out.loss.detach(), prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items() if k != "loss"})
+        tokens_per_step = self.tokens_per_step or self._batch_tokens * self.trainer.world_size
+        tokens_seen = (self.global_step + 1) * tokens_per_step
+        self.log("train/tokens_seen", float(tokens_seen))
+        self.log("train/flops_so_far", float(tokens_seen * self._flops_per_token))
+        return out.loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        out = self.objective(self.model, batch)
+        self.val_metrics.update(out.nll_sum, out.n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_metrics.compute()
+        self.val_metrics.reset()
+        if not self.trainer.sanity_checking:
+            self.last_val_step = self.global_step
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise RuntimeError("LanguageModelTask was built without an optimizer: it can evaluate but not train")
+        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(params=weight_decay_groups(self.model, weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the tokenizer travels inside the checkpoint, so evaluate/generate need nothing else
+        if self.tokenizer_model is not None:
+            checkpoint["tokenizer_model"] = self.tokenizer_model
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokenizer_model = checkpoint.get("tokenizer_model", self.tokenizer_model)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (linear and embedding weights); never biases or norm gains (1-D tensors)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _plain(cfg: Mapping) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)

@@ -1,0 +1,1 @@
+"""Experiment tracking: W&B (online or offline, never a prompt), CSV, TensorBoard, MLflow; run records."""

@@ -1,0 +1,178 @@
+"""``lm-lightning train``: compose a config, prepare the corpus, fit, evaluate, sample, summarise.
+
+    lm-lightning train experiment=shakespeare_char
+    lm-lightning train -m model.n_layer=1,2 trainer.max_steps=30
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lm_lightning.data.corpus import unigram_entropy
+from lm_lightning.data.datamodule import LMDataModule
+from lm_lightning.generation import generate_text
+from lm_lightning.runtime import (
+    hydra_command,
+    instantiate_group,
+    plain,
+    resolve_checkpoint,
+    run_identity,
+    set_threads,
+)
+from lm_lightning.tasks.language_model import LanguageModelTask
+from lm_lightning.tracking.records import plot_loss_curves, write_run_record
+
+log = logging.getLogger("lm_lightning.train")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Runs one training job; returns the run record (also written to ``<run>/run.json``)."""
+    set_threads(cfg.get("num_threads"))
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), checkpoint_dir)
+
+    datamodule: LMDataModule = hydra.utils.instantiate(cfg.data, tokenizer=plain(cfg.tokenizer))
+    corpus = datamodule.corpus
+    tokenizer = corpus.tokenizer()
+    model_cfg = {**plain(cfg.model), "vocab_size": tokenizer.vocab_size}
+    task = LanguageModelTask(
+        model=model_cfg,
+        objective=plain(cfg.objective),
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler),
+        bytes_per_token={split: datamodule.bytes_per_token(split) for split in ("train", "val")},
+        tokens_per_step=cfg.data.batch_size * cfg.model.block_size * cfg.trainer.accumulate_grad_batches,
+        tokenizer_model=Path(corpus.tokenizer_path).read_bytes(),
+    )
+    params = task.model.parameter_count()
+    log.info("model: %s parameters (%s non-embedding), %.3g training FLOPs/token",
+             f"{params.total:,}", f"{params.non_embedding:,}", task.model.flops_per_token())
+
+    name, group = run_identity(cfg.experiment_name)
+    loggers = instantiate_group(cfg.logger)
+    for logger in loggers:
+        logger.log_hyperparams(
+            {"config": plain(cfg), "parameters": params.as_dict(), "corpus": corpus.metadata, "run_name": name}
+        )
+    strategy = hydra.utils.instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.callbacks), strategy=strategy
+    )
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    final = _final_validation(trainer, task, datamodule)
+    record = _record(cfg, trainer, task, corpus, final, output_dir, name, group)
+    if trainer.is_global_zero:
+        sample = _sample(cfg, task, tokenizer)
+        record["sample"] = sample
+        _finish_tracking(loggers, record, output_dir)
+        write_run_record(output_dir / "run.json", record)
+        _print_summary(record)
+    return record
+
+
+def _final_validation(trainer: L.Trainer, task: LanguageModelTask, datamodule: LMDataModule) -> dict[str, float]:
+    """Validation metrics of the final weights (re-run unless the last validation was at the final step)."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if not metrics or task.last_val_step != trainer.global_step:
+        metrics = {k: float(v) for k, v in trainer.validate(task, datamodule=datamodule, verbose=False)[0].items()}
+    return metrics
+
+
+def _record(cfg, trainer, task, corpus, final, output_dir: Path, name: str, group: str | None) -> dict[str, Any]:
+    params = task.model.parameter_count()
+    tokens = trainer.global_step * task.tokens_per_step
+    val_tokens = corpus.tokens("val")
+    checkpoint_dir = output_dir / "checkpoints"
+    best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.best_model_path), "")
+    wandb_dir = next((lg.experiment.dir for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+    csv_dir = next((lg.log_dir for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+    return {
+        "run_name": name,
+        "group": group,
+        "output_dir": str(output_dir),
+        "steps": trainer.global_step,
+        "parameters": params.as_dict(),
+        "tokens_trained": tokens,
+        "flops_per_token": task.model.flops_per_token(),
+        "training_flops": tokens * task.model.flops_per_token(),
+        "final": final,
+        "val_unigram_entropy": unigram_entropy(val_tokens, corpus.tokenizer().vocab_size),
+        "checkpoints": {"best": best, "last": str(checkpoint_dir / "last.ckpt")},
+        "wandb_dir": str(Path(wandb_dir).parent) if wandb_dir else None,
+        "csv_dir": csv_dir,
+        "corpus_dir": str(corpus.directory),
+        "config": plain(cfg),
+    }
+
+
+def _sample(cfg: DictConfig, task: LanguageModelTask, tokenizer) -> str | None:
+    if not cfg.sample.max_new_tokens:
+        return None
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return generate_text(
+        task.model, tokenizer, cfg.sample.prompt, max_new_tokens=cfg.sample.max_new_tokens,
+        temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p, generator=generator,
+    )
+
+
+def _finish_tracking(loggers: list, record: dict[str, Any], output_dir: Path) -> None:
+    """Loss-curve PNG next to the CSV log and in W&B; final figures in the W&B summary; W&B run closed."""
+    csv_dir = record.get("csv_dir")
+    plot = plot_loss_curves(Path(csv_dir) / "metrics.csv", output_dir / "loss_curves.png") if csv_dir else None
+    record["loss_plot"] = str(plot) if plot else None
+    for logger in loggers:
+        logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            if plot:
+                logger.log_image("loss_curves", [str(plot)])
+            run.summary.update({f"final/{k}": v for k, v in record["final"].items()})
+            run.summary.update({"parameters": record["parameters"], "tokens_trained": record["tokens_trained"],
+                                "training_flops": record["training_flops"]})
+            run.finish()  # in a multirun each job's run ends before the next job starts
+
+
+def _print_summary(record: dict[str, Any]) -> None:
+    final = record["final"]
+    lines = [
+        "",
+        "=" * 72,
+        f"run {record['run_name']}: {record['steps']} steps, {record['tokens_trained']:,} tokens, "
+        f"{record['training_flops']:.3g} FLOPs, {record['parameters']['total']:,} parameters",
+        f"final validation: loss {final.get('val/loss', math.nan):.4f} nats/token, "
+        f"perplexity {final.get('val/perplexity', math.nan):.3f}, bits-per-byte {final.get('val/bpb', math.nan):.4f}",
+        f"unigram entropy of the validation tokens: {record['val_unigram_entropy']:.4f} nats/token",
+        f"best checkpoint: {record['checkpoints']['best'] or '(none)'}",
+        f"last checkpoint: {record['checkpoints']['last']}",
+        f"W&B run folder:  {record['wandb_dir'] or '(W&B off)'}",
+        f"CSV log:         {record['csv_dir']}",
+        f"loss curves:     {record.get('loss_plot')}",
+        f"run record:      {Path(record['output_dir']) / 'run.json'}",
+    ]
+    if record.get("sample") is not None:
+        lines += ["sample:", record["config"]["sample"]["prompt"] + record["sample"]]
+    lines.append("=" * 72)
+    print("\n".join(lines), flush=True)
+
+
+@hydra_command("train")
+def main(cfg: DictConfig) -> float | None:
+    record = train(cfg)
+    return record["final"].get("val/loss")
+
+
+if __name__ == "__main__":
+    main()

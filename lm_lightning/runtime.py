@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -31,10 +32,13 @@ def _conf_dir() -> str:
 
 
 CONF_DIR = _conf_dir()
+REPO_DIR = str(Path(CONF_DIR).parent)
 
 
 def _register_resolvers() -> None:
-    """``${run_name:<experiment>}`` and ``${sweep_group:<experiment>}`` for tracker configs."""
+    """``${repo_dir:}``, and ``${run_name:<experiment>}`` / ``${sweep_group:<experiment>}`` for tracker configs."""
+    if not OmegaConf.has_resolver("repo_dir"):
+        OmegaConf.register_new_resolver("repo_dir", lambda: REPO_DIR)
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", lambda experiment: run_identity(experiment)[0])
         OmegaConf.register_new_resolver("sweep_group", lambda experiment: run_identity(experiment)[1])
@@ -59,9 +63,76 @@ def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], C
                 sys.exit(2)
 
         _register_resolvers()
-        return hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(task)
+        app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(task)
+
+        @functools.wraps(fn)
+        def entry() -> Any:
+            problem = check_overrides(config_name, sys.argv[1:])
+            if problem:
+                print(f"error: {problem}", file=sys.stderr, flush=True)
+                sys.exit(2)
+            return app()
+
+        return entry
 
     return decorate
+
+
+def check_overrides(config_name: str, args: list[str]) -> str | None:
+    """Composes the config once with the command-line overrides; returns a one-line problem or None.
+
+    Hydra reports a bad override over several lines; users get one line that names the key and
+    the valid choices. Sweeps (``a=1,2``) are checked with their first value.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    overrides = []
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg or arg.startswith("hydra"):
+            continue  # flags (-m, --cfg job) and Hydra's own settings are Hydra's to check
+        try:
+            override = parser.parse_override(arg)
+        except OverrideParseException as err:
+            return f"cannot parse override {arg!r}: {str(err).splitlines()[0]}"
+        if override.is_sweep_override():
+            arg = f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
+        overrides.append(arg)
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides)
+    except (ConfigCompositionException, MissingConfigException) as err:
+        return _one_line(err, config_name)
+    return None
+
+
+def _one_line(err: Exception, config_name: str) -> str:
+    import difflib
+    import re
+
+    text = f"{err} {err.__cause__ or ''}"
+    if missing_key := re.search(r"full_key: ([\w.]+)", text):
+        full_key = missing_key.group(1)
+        parent, _, leaf = full_key.rpartition(".")
+        hint = ""
+        with contextlib.suppress(Exception):
+            from hydra import compose, initialize_config_dir
+
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                base = compose(config_name=config_name)
+            siblings = list(OmegaConf.select(base, parent).keys()) if parent else list(base.keys())
+            close = difflib.get_close_matches(leaf, [str(k) for k in siblings], n=1)
+            hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+        return f"unknown config key {full_key!r} (not in conf/{config_name}.yaml or its groups{hint} A new key needs a leading +)"
+    if group := re.search(r"Could not find '([\w/]+)'", text):
+        listed = re.search(r"Available options in '[\w/]+':\n(.*?)(\nConfig search path|$)", str(err), flags=re.S)
+        options = listed.group(1).split() if listed else []
+        name = group.group(1)
+        choices = f": choose one of {', '.join(options)}" if options else ""
+        return f"no config {name!r} in conf/{name.rpartition('/')[0]}/{choices}"
+    return " ".join(str(err).split())
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

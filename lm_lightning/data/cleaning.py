@@ -1,4 +1,4 @@
-"""Document clean-up: a fixed sequence of steps, each switched on by a ``data.cleaning`` key.
+"""Document clean-up: a fixed sequence of steps, each switched on by a ``data.corpus.cleaning`` key.
 
 A step takes a document and returns it changed, unchanged, or ``None`` to drop it. Steps
 that drop documents are counted by name (``removed_<name>`` documents and
@@ -26,7 +26,7 @@ def normalize_unicode(text: str, cfg: Mapping) -> str:
     if not form:
         return text
     if form not in _NORMAL_FORMS:
-        raise UserError(f"data.cleaning.unicode_normalization={form!r} is not valid: use one of {', '.join(_NORMAL_FORMS)} or null")
+        raise UserError(f"data.corpus.cleaning.unicode_normalization={form!r} is not valid: use one of {', '.join(_NORMAL_FORMS)} or null")
     return unicodedata.normalize(form, text)
 
 

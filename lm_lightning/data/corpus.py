@@ -74,7 +74,7 @@ class PreparedCorpus:
         splits = self.metadata["splits"]
         if split not in splits:
             raise UserError(f"split {split!r} was not prepared in {self.directory} (prepared: {', '.join(splits)}); "
-                            f"set data.split.{split}_fraction > 0")
+                            f"set data.corpus.split.{split}_fraction > 0")
         return splits[split]
 
 
@@ -124,7 +124,7 @@ def _build(folder: Path, source: Mapping, cleaning: Mapping, split_cfg: Mapping,
     staged.close()
     if not staged.lengths:
         raise UserError(f"corpus is empty: {plain_config(source)} gave 0 documents after cleaning "
-                        f"(check data.source.path and data.cleaning.min_chars)")
+                        f"(check data.corpus.source.path and data.corpus.cleaning.min_chars)")
     assign = _assigner(split_cfg, staged)
     splits = [s for s in SPLITS if s == "train" or float(split_cfg.get(f"{s}_fraction") or 0) > 0]
 
@@ -234,10 +234,10 @@ class _SplitWriter:
 def _check_split_cfg(cfg: Mapping) -> None:
     mode = cfg.get("mode", "document")
     if mode not in ("document", "contiguous"):
-        raise UserError(f"data.split.mode={mode!r} is not valid: use document or contiguous")
+        raise UserError(f"data.corpus.split.mode={mode!r} is not valid: use document or contiguous")
     val, test = float(cfg.get("val_fraction") or 0), float(cfg.get("test_fraction") or 0)
     if val < 0 or test < 0 or val + test >= 1:
-        raise UserError(f"data.split.val_fraction={val} and data.split.test_fraction={test} must be >= 0 and sum to < 1")
+        raise UserError(f"data.corpus.split.val_fraction={val} and data.corpus.split.test_fraction={test} must be >= 0 and sum to < 1")
 
 
 def _assigner(cfg: Mapping, staged: _Staging):
@@ -252,7 +252,7 @@ def _assigner(cfg: Mapping, staged: _Staging):
         for split, (lo, hi) in ranges.items():
             if lo >= hi and (split == "train" or float(cfg.get(f"{split}_fraction") or 0) > 0):
                 raise UserError(f"the corpus has only {total} characters, too few for a non-empty {split} split "
-                                f"with data.split.val_fraction={val}, test_fraction={test}")
+                                f"with data.corpus.split.val_fraction={val}, test_fraction={test}")
 
         def contiguous() -> Iterator[tuple[str, str]]:
             offset = 0
@@ -274,8 +274,8 @@ def _document_labels(n: int, val: float, test: float, seed: int) -> np.ndarray:
     n_val = max(1, round(n * val)) if val > 0 else 0
     n_test = max(1, round(n * test)) if test > 0 else 0
     if n - n_val - n_test < 1:
-        raise UserError(f"the corpus has only {n} documents, too few for data.split.val_fraction={val} and "
-                        f"test_fraction={test}: lower them, add text, or use more documents (data.source.document_split)")
+        raise UserError(f"the corpus has only {n} documents, too few for data.corpus.split.val_fraction={val} and "
+                        f"test_fraction={test}: lower them, add text, or use more documents (data.corpus.source.document_split)")
     rank = np.argsort(_splitmix64(np.arange(n, dtype=np.uint64), seed), kind="stable")
     labels = np.zeros(n, dtype=np.int8)
     labels[rank[:n_val]] = 1

@@ -76,7 +76,7 @@ _SUFFIXES = {"text": (".txt",), "jsonl": (".jsonl", ".jsonl.gz"), "parquet": (".
 def _kind(source: Mapping) -> str:
     kind = source.get("kind")
     if kind not in KINDS:
-        raise UserError(f"unknown data.source.kind {kind!r}: choose one of {', '.join(KINDS)}")
+        raise UserError(f"unknown data.corpus.source.kind {kind!r}: choose one of {', '.join(KINDS)}")
     return kind
 
 
@@ -84,16 +84,16 @@ def _files(source: Mapping, suffixes: tuple[str, ...]) -> list[Path]:
     """The file itself, or a folder's matching files in sorted relative-path order."""
     raw = source.get("path")
     if not raw:
-        raise UserError(f"data.source.path is not set (kind={source.get('kind')}): point it at a file or folder")
+        raise UserError(f"data.corpus.source.path is not set (kind={source.get('kind')}): point it at a file or folder")
     path = Path(os.path.expanduser(str(raw)))
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise UserError(f"data file not found: {path} (set data.source.path to an existing file or folder)")
+        raise UserError(f"data file not found: {path} (set data.corpus.source.path to an existing file or folder)")
     files = [p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes)
              and not any(part.startswith(".") for part in p.relative_to(path).parts)]
     if not files:
-        raise UserError(f"no {'/'.join(suffixes)} files in folder {path} (check data.source.path and data.source.kind)")
+        raise UserError(f"no {'/'.join(suffixes)} files in folder {path} (check data.corpus.source.path and data.corpus.source.kind)")
     return sorted(files, key=lambda p: p.relative_to(path).as_posix())
 
 
@@ -101,7 +101,7 @@ def _read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}): convert it or remove it from data.source.path") from None
+        raise UserError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}): convert it or remove it from data.corpus.source.path") from None
 
 
 def _text_records(source: Mapping) -> Iterator[str]:
@@ -128,12 +128,12 @@ def _parquet_records(source: Mapping) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UserError('data.source.kind=parquet needs pyarrow: pip install pyarrow (or "lm-lightning[parquet]")') from None
+        raise UserError('data.corpus.source.kind=parquet needs pyarrow: pip install pyarrow (or "lm-lightning[parquet]")') from None
     field = source.get("text_field") or "text"
     for path in _files(source, _SUFFIXES["parquet"]):
         parquet = pq.ParquetFile(path)
         if field not in parquet.schema_arrow.names:
-            raise UserError(f"{path} has no column {field!r} (columns: {parquet.schema_arrow.names}); set data.source.text_field")
+            raise UserError(f"{path} has no column {field!r} (columns: {parquet.schema_arrow.names}); set data.corpus.source.text_field")
         for batch in parquet.iter_batches(columns=[field], batch_size=1024):
             yield from (text for text in batch.column(0).to_pylist() if text)
 
@@ -142,10 +142,10 @@ def _hf_records(source: Mapping) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise UserError('data.source.kind=hf needs the datasets package: pip install "lm-lightning[hf]"') from None
+        raise UserError('data.corpus.source.kind=hf needs the datasets package: pip install "lm-lightning[hf]"') from None
     name, field = source.get("name"), source.get("text_field") or "text"
     if not name:
-        raise UserError("data.source.name is not set: give a Hugging Face dataset name, e.g. wikitext")
+        raise UserError("data.corpus.source.name is not set: give a Hugging Face dataset name, e.g. wikitext")
     dataset = datasets.load_dataset(name, source.get("config"), split=source.get("split") or "train", streaming=True)
     for index, record in enumerate(dataset):
         yield _field(record, field, f"{name} record {index}")
@@ -153,7 +153,7 @@ def _hf_records(source: Mapping) -> Iterator[str]:
 
 def _field(record: Any, field: str, where: str) -> str:
     if not isinstance(record, Mapping) or not isinstance(record.get(field), str):
-        raise UserError(f"{where} has no text field {field!r}: set data.source.text_field")
+        raise UserError(f"{where} has no text field {field!r}: set data.corpus.source.text_field")
     return record[field]
 
 
@@ -187,7 +187,7 @@ def _document_splitter(mode: str):
         return _paragraphs
     if mode.startswith("lines:") and mode[6:].isdigit() and int(mode[6:]) > 0:
         return lambda text, n=int(mode[6:]): _line_chunks(text, n)
-    raise UserError(f"data.source.document_split={mode!r} is not valid: use file, paragraph or lines:<N> (e.g. lines:100)")
+    raise UserError(f"data.corpus.source.document_split={mode!r} is not valid: use file, paragraph or lines:<N> (e.g. lines:100)")
 
 
 def _lines(text: str) -> Iterable[str]:

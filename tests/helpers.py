@@ -1,0 +1,39 @@
+"""Running the real command line from tests: `lm-lightning ...` in a subprocess, outputs in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lm_lightning.tracking.records import read_metrics_csv
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LM_LIGHTNING_DATA", REPO.parent / "shared" / "data"))
+
+
+def run_cli(*args: str, cwd: Path, cache: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs ``python -m lm_lightning <args>`` with W&B offline and the given corpus cache."""
+    env = {
+        **os.environ,
+        "LM_LIGHTNING_CACHE": str(cache),
+        "LM_LIGHTNING_DATA": str(SHARED_DATA),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "HYDRA_FULL_ERROR": "0",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lm-lightning {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by step from every CSV log of a run folder (a resumed run adds a version_N)."""
+    losses: dict[int, float] = {}
+    for metrics in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        losses.update(dict(read_metrics_csv(metrics).get("train/loss", [])))
+    return losses

@@ -1,0 +1,98 @@
+"""The command line as users meet it: multirun tracking, bad input, evaluate and generate on a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import SHARED_DATA, run_cli, step_losses
+
+QUICK = ["experiment=tiny", "trainer.max_steps=30", "sample.max_new_tokens=0"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny tracked run shared by the evaluate/generate tests."""
+    root = tmp_path_factory.mktemp("run")
+    run_cli("train", *QUICK, f"hydra.run.dir={root / 'run'}", cwd=root, cache=root / "cache")
+    return root / "run"
+
+
+def test_multirun_gives_one_wandb_run_and_one_csv_log_per_job_in_one_group(tmp_path):
+    proc = run_cli("train", "-m", *QUICK, "model.n_layer=1,2", f"paths.log_dir={tmp_path / 'out'}",
+                   cwd=tmp_path, cache=tmp_path / "cache")
+    jobs = sorted(p for p in (tmp_path / "out" / "tiny" / "multiruns").glob("*/*") if p.is_dir())
+    assert len(jobs) == 2
+    assert ["model.n_layer=1" in jobs[0].name, "model.n_layer=2" in jobs[1].name] == [True, True]
+    run_ids, groups = set(), set()
+    for job, n_layer in zip(jobs, (1, 2)):
+        record = json.loads((job / "run.json").read_text())
+        assert record["config"]["model"]["n_layer"] == n_layer
+        assert record["steps"] == 30
+        wandb_runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(wandb_runs) == 1, wandb_runs
+        run_ids.add(wandb_runs[0].name.rsplit("-", 1)[1])
+        assert (wandb_runs[0] / f"run-{wandb_runs[0].name.rsplit('-', 1)[1]}.wandb").stat().st_size > 0
+        groups.add(record["group"])
+        assert record["run_name"] == f"tiny-model.n_layer={n_layer},sample.max_new_tokens=0,trainer.max_steps=30"
+        assert sorted(step_losses(job)) == list(range(30)), "each job has its own full metric history"
+    assert len(run_ids) == 2
+    assert len(groups) == 1 and None not in groups
+    assert proc.returncode == 0
+
+
+def test_evaluate_reports_loss_perplexity_and_bits_per_byte(trained_run, tmp_path):
+    text = tmp_path / "held_out.txt"
+    text.write_text((SHARED_DATA / "tinyshakespeare" / "input.txt").read_text()[-20000:])
+    proc = run_cli("evaluate", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"text_file={text}",
+                   f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, cache=tmp_path / "cache")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith(str(text)))
+    loss = float(line.split("loss ")[1].split()[0])
+    ppl = float(line.split("perplexity ")[1].split()[0])
+    bpb = float(line.split("bits-per-byte ")[1].split()[0])
+    assert ppl == pytest.approx(2.718281828 ** loss, rel=1e-3)
+    # character tokens: one byte per token (ASCII), so bits/byte = nats/token / ln 2
+    assert bpb == pytest.approx(loss / 0.693147, rel=1e-3)
+
+
+def test_generate_samples_from_a_checkpoint_with_and_without_cache(trained_run, tmp_path):
+    outs = []
+    for cache in ("true", "false"):
+        proc = run_cli("generate", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "prompt=ROMEO:",
+                       "max_new_tokens=40", "temperature=0", f"use_cache={cache}", f"hydra.run.dir={tmp_path / cache}",
+                       cwd=tmp_path, cache=tmp_path / "cache")
+        outs.append(proc.stdout.split("--- sample 1 ---\n", 1)[1])
+    assert outs[0].startswith("ROMEO:") and len(outs[0]) > len("ROMEO:")
+    assert outs[0] == outs[1], "greedy decoding with the KV cache equals decoding without it"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.corpus.source.path=/no/such/corpus.txt", "data file not found: /no/such/corpus.txt"),
+        ("model.n_layers=2", "unknown config key 'model.n_layers'"),
+        ("model=gpt9", "no config 'model/gpt9'"),
+    ],
+)
+def test_bad_input_ends_with_one_error_line_and_a_nonzero_exit(tmp_path, override, message):
+    proc = run_cli("train", *QUICK, override, f"paths.log_dir={tmp_path / 'out'}", cwd=tmp_path,
+                   cache=tmp_path / "cache", check=False)
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_empty_corpus_is_refused_and_earlier_outputs_survive(tmp_path, trained_run):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
+    proc = run_cli("train", *QUICK, "data=text", f"data.corpus.source.path={empty}", f"hydra.run.dir={trained_run}",
+                   cwd=tmp_path, cache=tmp_path / "cache", check=False)
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "corpus is empty" in errors[0] and str(empty) in errors[0]
+    after = {p: p.stat().st_mtime_ns for p in before}
+    changed = [p for p in before if before[p] != after[p] and ".hydra" not in p.parts and p.suffix != ".log"]
+    assert not changed, f"a failed run touched earlier outputs: {changed}"

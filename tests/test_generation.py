@@ -12,13 +12,6 @@ from lm_lightning.models.gpt import GPT, GPTConfig
 VOCAB, BLOCK = 40, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are fastest on one thread; several fight each other on a busy CPU (100× slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny(position: str = "learned", init_std: float = 0.3) -> GPT:

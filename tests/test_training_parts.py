@@ -19,13 +19,6 @@ from lm_lightning.tasks.metrics import LanguageModelMetrics
 from lm_lightning.tasks.schedules import warmup_cosine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are fastest on one thread; several fight each other on a busy CPU (100× slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny(**overrides) -> GPT:
@@ -245,7 +238,9 @@ def test_skip_yields_the_tail_once(mode):
     sampler.set_epoch(4)
     full = list(sampler)
     sampler.skip = 10
-    assert len(sampler) == len(full) - 10
+    # the length stays the whole epoch: Lightning counts the restored batches and stops at the
+    # end of the iterator; a shortened length would end the resumed epoch early
+    assert len(sampler) == len(full)
     assert list(sampler) == full[10:]
     assert list(sampler) == full  # the skip applies to the resumed epoch only
 

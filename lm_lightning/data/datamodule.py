@@ -79,7 +79,9 @@ class WindowSampler(Sampler[int]):
         return iter(starts.tolist())
 
     def __len__(self) -> int:
-        return len(self._starts()) - self.skip
+        # the whole epoch, even while resuming: Lightning counts the restored batches itself,
+        # and a shorter length would make it end the resumed epoch early
+        return len(self._starts())
 
 
 class LMDataModule(L.LightningDataModule):

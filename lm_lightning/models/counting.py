@@ -1,8 +1,8 @@
 """Parameter and FLOP accounting, in one place (SPEC §2, §8).
 
 Conventions (Kaplan et al. 2020; Chowdhery et al. 2022):
-- embedding parameters: the token table and any learned position table; a tied output
-  head shares the token table and is counted once;
+- embedding parameters: the token table, any learned position table and the output head
+  (a vocabulary table too); a tied head shares the token table and is counted once;
 - non-embedding N = total - embedding (N ≈ 12·n_layer·d² for the standard GPT shape);
 - training FLOPs per token = 6·(N + output-head matmul) + 12·n_layer·d·T, where the last
   term is attention's QKᵀ and AV over a context of T tokens (forward 2, backward 4).

@@ -107,7 +107,9 @@ class GPT(nn.Module):
         return [KVCache.empty(batch, c.n_head, c.block_size, c.n_embd // c.n_head, like) for _ in range(c.n_layer)]
 
     def parameter_count(self) -> ParameterCount:
-        tables = [self.wte] + ([self.wpe] if self.wpe is not None else [])
+        # vocabulary and position tables are "embedding"; an untied output head is a vocabulary
+        # table too, so N (non-embedding) is the same whether or not the head is tied
+        tables = [self.wte, self.lm_head] + ([self.wpe] if self.wpe is not None else [])
         return count_parameters(self, tables)
 
     def flops_per_token(self, context: int | None = None) -> int:

@@ -1,7 +1,7 @@
 """One exception type for bad user input, so the CLI can print one clear line and exit non-zero."""
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem the user can fix: a missing file, an empty corpus, a bad config value.
 
     The message names the thing and says what to do; the CLI prints it as one line

@@ -44,6 +44,9 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("sweep_group", lambda experiment: run_identity(experiment)[1])
 
 
+_register_resolvers()
+
+
 def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Turns ``fn(cfg)`` into a Hydra app over ``conf/<config_name>.yaml``.
 
@@ -62,7 +65,6 @@ def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], C
                     return None
                 sys.exit(2)
 
-        _register_resolvers()
         app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(task)
 
         @functools.wraps(fn)

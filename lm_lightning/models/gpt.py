@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from lm_lightning.errors import UserError
 from lm_lightning.models.counting import ParameterCount, count_parameters, training_flops_per_token
 from lm_lightning.models.layers import Block, KVCache, Rotary, build_norm, sinusoidal_table
 
@@ -38,13 +39,13 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+            raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.position not in POSITIONS:
-            raise ValueError(f"model.position={self.position!r}: choose one of {', '.join(POSITIONS)}")
+            raise UserError(f"model.position={self.position!r}: choose one of {', '.join(POSITIONS)}")
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("model.position=rope needs an even head size (n_embd / n_head)")
+            raise UserError("model.position=rope needs an even head size (n_embd / n_head)")
 
 
 class GPT(nn.Module):

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm_lightning.errors import UserError
+
 
 def build_norm(kind: str, dim: int, bias: bool) -> nn.Module:
     """LayerNorm (optionally without bias, as nanoGPT) or RMSNorm."""
@@ -20,7 +22,7 @@ def build_norm(kind: str, dim: int, bias: bool) -> nn.Module:
         return nn.LayerNorm(dim, bias=bias)
     if kind == "rmsnorm":
         return nn.RMSNorm(dim)
-    raise ValueError(f"unknown norm {kind!r}: choose layernorm or rmsnorm")
+    raise UserError(f"model.norm={kind!r} is not known: choose layernorm or rmsnorm")
 
 
 class FeedForward(nn.Module):
@@ -32,7 +34,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, activation: str, bias: bool, dropout: float) -> None:
         super().__init__()
         if activation not in ("gelu", "relu", "swiglu"):
-            raise ValueError(f"unknown activation {activation!r}: choose gelu, relu or swiglu")
+            raise UserError(f"model.activation={activation!r} is not known: choose gelu, relu or swiglu")
         self.activation = activation
         if activation == "swiglu":
             hidden = int(2 * hidden / 3)
@@ -113,7 +115,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, n_head: int, bias: bool, dropout: float, rotary: Rotary | None = None) -> None:
         super().__init__()
         if dim % n_head:
-            raise ValueError(f"n_embd={dim} must be divisible by n_head={n_head}")
+            raise UserError(f"model.n_embd={dim} must be divisible by model.n_head={n_head}")
         self.n_head = n_head
         self.head_dim = dim // n_head
         self.c_attn = nn.Linear(dim, 3 * dim, bias=bias)
@@ -160,7 +162,7 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         if norm_position not in ("pre", "post"):
-            raise ValueError(f"unknown norm_position {norm_position!r}: choose pre or post")
+            raise UserError(f"model.norm_position={norm_position!r} is not known: choose pre or post")
         self.pre_norm = norm_position == "pre"
         self.ln_1 = build_norm(norm, dim, bias)
         self.attn = SelfAttention(dim, n_head, bias, dropout, rotary)

@@ -7,6 +7,8 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from lm_lightning.errors import UserError
+
 
 def warmup_cosine(
     optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1
@@ -16,7 +18,7 @@ def warmup_cosine(
     Matches nanoGPT's ``get_lr``: warmup lr·(step+1)/(warmup+1); after ``total_steps`` the lr stays at the minimum.
     """
     if total_steps <= warmup_steps:
-        raise ValueError(f"scheduler.total_steps={total_steps} must exceed scheduler.warmup_steps={warmup_steps}")
+        raise UserError(f"scheduler.total_steps={total_steps} must exceed scheduler.warmup_steps={warmup_steps}")
 
     def multiplier(step: int) -> float:
         if step < warmup_steps:

@@ -31,6 +31,7 @@ def test_every_lm_lightning_command_in_the_readme_runs(tmp_path):
     workdir.mkdir()
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
+    (workdir / "sweeps").symlink_to(REPO / "sweeps")
     lines = [c for c in COMMANDS if c.startswith("lm-lightning ")]
     assert len(lines) >= 8
     for line in lines:

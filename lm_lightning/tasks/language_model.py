@@ -54,8 +54,10 @@ class LanguageModelTask(L.LightningModule):
 
     @property
     def flops_per_batch(self) -> int:
-        """Training FLOPs of one micro-batch, read by Lightning's ThroughputMonitor."""
-        return self._flops_per_token * self._batch_tokens
+        """FLOPs of the latest micro-batch, read by Lightning's ThroughputMonitor: forward + backward
+        when training, forward only (a third) when evaluating."""
+        flops = self._flops_per_token * self._batch_tokens
+        return flops if self.training else flops // 3
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._batch_tokens = batch[:, 1:].numel()
@@ -73,6 +75,7 @@ class LanguageModelTask(L.LightningModule):
         return out.loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._batch_tokens = batch[:, 1:].numel()
         out = self.objective(self.model, batch)
         self.val_metrics.update(out.nll_sum, out.n_tokens)
 

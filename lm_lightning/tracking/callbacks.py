@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ThroughputMonitor as _LightningThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_only
 
 
 def _batch_size(batch: Any) -> int:
@@ -37,3 +38,11 @@ class ThroughputMonitor(_LightningThroughputMonitor):
             self.available_flops = int(peak)
             for throughput in self._throughputs.values():
                 throughput.available_flops = int(peak)
+
+    @rank_zero_only
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                *args: Any, **kwargs: Any) -> None:
+        # time validation (so it is taken out of training throughput) but do not log it: its own
+        # batch counter as the step would run backwards on the tracker's step axis
+        if not trainer.sanity_checking:
+            self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)

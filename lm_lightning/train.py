@@ -104,7 +104,7 @@ def _record(cfg, trainer, task, corpus, final, output_dir: Path, name: str, grou
         "group": group,
         "output_dir": str(output_dir),
         "steps": trainer.global_step,
-        "parameters": params.as_dict(),
+        "parameters": {**params.as_dict(), "position_table": _position_table_size(task.model)},
         "tokens_trained": tokens,
         "flops_per_token": task.model.flops_per_token(),
         "training_flops": tokens * task.model.flops_per_token(),
@@ -116,6 +116,11 @@ def _record(cfg, trainer, task, corpus, final, output_dir: Path, name: str, grou
         "corpus_dir": str(corpus.directory),
         "config": plain(cfg),
     }
+
+
+def _position_table_size(model) -> int:
+    table = getattr(model, "wpe", None)
+    return table.weight.numel() if table is not None else 0
 
 
 def _sample(cfg: DictConfig, task: LanguageModelTask, tokenizer) -> str | None:
@@ -146,12 +151,15 @@ def _finish_tracking(loggers: list, record: dict[str, Any], output_dir: Path) ->
 
 
 def _print_summary(record: dict[str, Any]) -> None:
-    final = record["final"]
+    final, params = record["final"], record["parameters"]
     lines = [
         "",
         "=" * 72,
         f"run {record['run_name']}: {record['steps']} steps, {record['tokens_trained']:,} tokens, "
-        f"{record['training_flops']:.3g} FLOPs, {record['parameters']['total']:,} parameters",
+        f"{record['training_flops']:.3g} training FLOPs",
+        f"parameters: {params['total']:,} ({params['total'] / 1e6:.2f}M; {params['non_embedding']:,} non-embedding; "
+        f"{params['total'] - params['position_table']:,} = {(params['total'] - params['position_table']) / 1e6:.2f}M "
+        "without the position table, as nanoGPT counts)",
         f"final validation: loss {final.get('val/loss', math.nan):.4f} nats/token, "
         f"perplexity {final.get('val/perplexity', math.nan):.3f}, bits-per-byte {final.get('val/bpb', math.nan):.4f}",
         f"unigram entropy of the validation tokens: {record['val_unigram_entropy']:.4f} nats/token",

@@ -96,3 +96,20 @@ def test_empty_corpus_is_refused_and_earlier_outputs_survive(tmp_path, trained_r
     after = {p: p.stat().st_mtime_ns for p in before}
     changed = [p for p in before if before[p] != after[p] and ".hydra" not in p.parts and p.suffix != ".log"]
     assert not changed, f"a failed run touched earlier outputs: {changed}"
+
+
+def test_tensorboard_logger_and_module_entry_point(tmp_path):
+    """`python -m lm_lightning.train` is the same app; logger=tensorboard writes event files beside the CSV log."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env_run = run_cli("train", *QUICK, "logger=tensorboard", f"hydra.run.dir={tmp_path / 'tb'}", cwd=tmp_path,
+                      cache=tmp_path / "cache")
+    assert list((tmp_path / "tb" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "tb" / "csv" / "version_0" / "metrics.csv").is_file()
+    assert "W&B run folder:  (W&B off)" in env_run.stdout
+    proc = subprocess.run([sys.executable, "-m", "lm_lightning.train", "experiment=tiny", "--cfg", "job"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "experiment_name: tiny" in proc.stdout

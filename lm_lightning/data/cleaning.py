@@ -2,19 +2,24 @@
 
 A step takes a document and returns it changed, unchanged, or ``None`` to drop it. Steps
 that drop documents are counted by name (``removed_<name>`` documents and
-``removed_<name>_bytes`` UTF-8 bytes), so quality filters, PII masking and dedup slot in
-later as more entries of ``STEPS`` and report themselves. An empty ``cfg`` changes nothing.
+``removed_<name>_bytes`` UTF-8 bytes of the raw document); PII masking counts what it
+masked (``masked_email`` ...), boilerplate removal the lines it cut (``boilerplate_lines``).
+Order: normalise → cut boilerplate lines → whitespace → mask PII → length and quality
+filters (``quality.py``). An empty ``cfg`` changes nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
+from lm_lightning.data import quality
+from lm_lightning.data.pii import mask_pii
 from lm_lightning.errors import UserError
 
-Step = Callable[[str, Mapping], "str | None"]
+Step = Callable[[str, Mapping, dict], "str | None"]
 
 _NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
@@ -28,6 +33,32 @@ def normalize_unicode(text: str, cfg: Mapping) -> str:
     if form not in _NORMAL_FORMS:
         raise UserError(f"data.corpus.cleaning.unicode_normalization={form!r} is not valid: use one of {', '.join(_NORMAL_FORMS)} or null")
     return unicodedata.normalize(form, text)
+
+
+@functools.lru_cache(maxsize=8)
+def _boilerplate_regex(patterns: tuple[str, ...]) -> re.Pattern:
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise UserError(f"data.corpus.cleaning.boilerplate_patterns: {p!r} is not a valid regular expression ({e}): fix or remove it") from None
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
+
+def remove_boilerplate(text: str, cfg: Mapping, counts: dict | None = None) -> str:
+    """Lines that match one of ``boilerplate_patterns`` (regexes, matched at the line's first
+    non-blank character) are cut, e.g. ``[Illustration]`` or ``Produced by ...``."""
+    patterns = cfg.get("boilerplate_patterns")
+    if not patterns:
+        return text
+    regex = _boilerplate_regex(tuple(patterns))
+    lines = text.split("\n")
+    kept = [line for line in lines if not regex.match(line.lstrip())]
+    if len(kept) == len(lines):
+        return text
+    if counts is not None:
+        counts["boilerplate_lines"] = counts.get("boilerplate_lines", 0) + len(lines) - len(kept)
+    return "\n".join(kept)
 
 
 def strip_whitespace(text: str, cfg: Mapping) -> str:
@@ -48,17 +79,35 @@ def drop_short(text: str, cfg: Mapping) -> str | None:
     return text if len(text) >= int(cfg.get("min_chars") or 0) else None
 
 
+def drop_long(text: str, cfg: Mapping) -> str | None:
+    """Drop documents with more than ``max_chars`` characters (null: no limit)."""
+    limit = cfg.get("max_chars")
+    return text if limit is None or len(text) <= int(limit) else None
+
+
+def _plain(step: Callable[[str, Mapping], "str | None"]) -> Step:
+    return lambda text, cfg, counts: step(text, cfg)
+
+
 STEPS: list[tuple[str, Step]] = [
-    ("unicode", normalize_unicode),
-    ("whitespace", strip_whitespace),
-    ("empty", drop_empty),
-    ("short", drop_short),
+    ("unicode", _plain(normalize_unicode)),
+    ("boilerplate", remove_boilerplate),
+    ("whitespace", _plain(strip_whitespace)),
+    ("pii", mask_pii),
+    ("empty", _plain(drop_empty)),
+    ("short", _plain(drop_short)),
+    ("long", _plain(drop_long)),
+    ("words", _plain(quality.drop_by_words)),
+    ("symbols", _plain(quality.drop_by_symbols)),
+    ("word_length", _plain(quality.drop_by_word_length)),
+    ("repeated_lines", _plain(quality.drop_by_repeated_lines)),
+    ("repeated_ngrams", _plain(quality.drop_by_repeated_ngrams)),
 ]
 
 
 def clean_document(text: str, cfg: Mapping) -> str | None:
     """The cleaned document, or ``None`` if a filter drops it."""
-    return _run_steps(text, cfg)[0]
+    return _run_steps(text, cfg, {})[0]
 
 
 def clean_documents(docs: Iterable[str], cfg: Mapping, stats: dict | None = None) -> Iterator[str]:
@@ -71,7 +120,7 @@ def clean_documents(docs: Iterable[str], cfg: Mapping, stats: dict | None = None
         size = len(text.encode("utf-8"))
         stats["documents_in"] += 1
         stats["bytes_in"] += size
-        cleaned, dropped_by = _run_steps(text, cfg)
+        cleaned, dropped_by = _run_steps(text, cfg, stats)
         if cleaned is None:
             stats[f"removed_{dropped_by}"] = stats.get(f"removed_{dropped_by}", 0) + 1
             stats[f"removed_{dropped_by}_bytes"] = stats.get(f"removed_{dropped_by}_bytes", 0) + size
@@ -81,9 +130,9 @@ def clean_documents(docs: Iterable[str], cfg: Mapping, stats: dict | None = None
         yield cleaned
 
 
-def _run_steps(text: str, cfg: Mapping) -> tuple[str | None, str | None]:
+def _run_steps(text: str, cfg: Mapping, counts: dict) -> tuple[str | None, str | None]:
     for name, step in STEPS:
-        result = step(text, cfg)
+        result = step(text, cfg, counts)
         if result is None:
             return None, name
         text = result

@@ -1,5 +1,11 @@
-"""Prepare a tokenized corpus once and cache it: source → clean → split → train tokenizer
-(train split only) → ``<split>.bin`` token files, memory-mapped at training time.
+"""Prepare a tokenized corpus once and cache it: source → clean (+ exact hash and MinHash
+signature) → dedup → split → train tokenizer (train split only) → ``<split>.bin`` token
+files, memory-mapped at training time.
+
+The source streams through the stages: cleaning and tokenization run on batches of
+documents in ``num_proc`` worker processes (``parallel.py``), cleaned text waits in a
+staging file on disk, so memory holds only a few batches, the dedup signatures
+(``4 * num_perm`` bytes a document) and sentencepiece's training sample.
 
 A cache entry ``<cache_dir>/<name>-<key[:12]>/`` holds::
 
@@ -7,10 +13,11 @@ A cache entry ``<cache_dir>/<name>-<key[:12]>/`` holds::
     <split>.bin                        token ids, 1-D, uint16 (vocab <= 65535) else uint32;
                                        each document is followed by one EOS id
     <split>.idx.npy                    int64 token offset where each document starts
+    report.json                        what the build did (``report.py``)
     metadata.json                      written last: an entry without it is not complete
 
-``key`` hashes the source fingerprint (file sizes and mtimes), the cleaning, split and
-tokenizer configs and ``FORMAT_VERSION``, so a changed config is never served stale data.
+``key`` hashes the source fingerprint (file sizes and mtimes), the cleaning, dedup, split
+and tokenizer configs and ``FORMAT_VERSION``, so a changed config is never served stale data.
 Splits with fraction 0 are left out (no files, no ``metadata["splits"]`` entry).
 
 Byte counts (``num_bytes``) are UTF-8 bytes of the cleaned text of a split's documents; the
@@ -22,10 +29,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -35,15 +44,17 @@ import numpy as np
 from tqdm import tqdm
 
 from lm_lightning.data.cleaning import clean_documents
+from lm_lightning.data.dedup import DedupConfig, MinHasher, exact_duplicates, exact_hash, near_duplicates
+from lm_lightning.data.parallel import batched, ordered_map
+from lm_lightning.data.report import REPORT_FILE, build_report
 from lm_lightning.data.sources import describe_source, iter_documents, plain_config
 from lm_lightning.data.tokenizer import Tokenizer, train_tokenizer
 from lm_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
-_ENCODE_CHUNK_BYTES = 4 << 20  # text encoded per batch: bounds memory, keeps threads busy
 
 
 @dataclass
@@ -70,6 +81,11 @@ class PreparedCorpus:
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.load(self.tokenizer_path)
 
+    def report(self) -> dict:
+        """What the build did (``report.json``): documents and bytes in, removals per filter
+        and by dedup, tokens per split, tokenizer fertility, seconds per stage."""
+        return json.loads((self.directory / self.metadata.get("report_file", REPORT_FILE)).read_text())
+
     def _split(self, split: str) -> dict:
         splits = self.metadata["splits"]
         if split not in splits:
@@ -78,15 +94,23 @@ class PreparedCorpus:
         return splits[split]
 
 
-def prepare_corpus(data_cfg: Mapping, tokenizer_cfg: Mapping, cache_dir: str | Path, force: bool = False) -> PreparedCorpus:
-    """Return the cached corpus for these configs, building it first if needed (or ``force``)."""
+def prepare_corpus(data_cfg: Mapping, tokenizer_cfg: Mapping, cache_dir: str | Path, force: bool = False,
+                   num_proc: int | None = None) -> PreparedCorpus:
+    """Return the cached corpus for these configs, building it first if needed (or ``force``).
+
+    ``num_proc``: worker processes for cleaning, MinHash and tokenization (default
+    ``data_cfg["num_proc"]``, else 1). It does not change the result, so not the cache key.
+    """
     source, cleaning = data_cfg.get("source") or {}, data_cfg.get("cleaning") or {}
+    dedup = plain_config(data_cfg.get("dedup") or {})
+    DedupConfig.from_cfg(dedup)  # a bad option fails before any work
+    num_proc = int(num_proc or data_cfg.get("num_proc") or 1)
     split_cfg = data_cfg.get("split") or {}
     _check_split_cfg(split_cfg)
     # Log verbosity is the one tokenizer option that cannot change the result.
     tokenizer_key = {k: v for k, v in plain_config(tokenizer_cfg).items() if k != "verbose"}
     fingerprint = {"format_version": FORMAT_VERSION, "source": describe_source(source), "cleaning": plain_config(cleaning),
-                   "split": plain_config(split_cfg), "tokenizer": tokenizer_key}
+                   "dedup": dedup, "split": plain_config(split_cfg), "tokenizer": tokenizer_key}
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     cache_dir = Path(cache_dir).expanduser()
     entry = cache_dir / f"{data_cfg.get('name', 'corpus')}-{key[:12]}"
@@ -98,7 +122,7 @@ def prepare_corpus(data_cfg: Mapping, tokenizer_cfg: Mapping, cache_dir: str | P
     build = cache_dir / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     build.mkdir()
     try:
-        _build(build, source, cleaning, split_cfg, tokenizer_cfg, {**fingerprint, "key": key})
+        _build(build, source, cleaning, dedup, split_cfg, tokenizer_cfg, {**fingerprint, "key": key}, num_proc)
         _publish(build, entry)
     finally:
         shutil.rmtree(build, ignore_errors=True)  # gone already if published
@@ -116,35 +140,124 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 
 # --- building -----------------------------------------------------------------------------
 
-def _build(folder: Path, source: Mapping, cleaning: Mapping, split_cfg: Mapping, tokenizer_cfg: Mapping, meta: dict) -> None:
+_BATCH_DOCS, _BATCH_CHARS = 2000, 1 << 20  # documents per worker task: ~1 MB of text
+_worker: dict = {}  # per-process state set by the pool initializers
+
+
+def _init_clean_worker(cleaning: Mapping, dedup: DedupConfig) -> None:
+    _worker.update(cleaning=cleaning, dedup=dedup,
+                   hasher=MinHasher(dedup.num_perm, dedup.ngram, dedup.seed) if dedup.near else None)
+
+
+def _clean_batch(texts: list[str]) -> tuple[list[str], dict, np.ndarray, np.ndarray | None]:
+    """Clean a batch; exact hashes and MinHash signatures of the documents that remain."""
     stats: dict = {}
-    staged = _Staging(folder / "documents.staging")
-    for doc in clean_documents(iter_documents(source), cleaning, stats):
-        staged.add(doc)
+    cleaned = list(clean_documents(texts, _worker["cleaning"], stats))
+    hashes = np.fromiter((exact_hash(t) for t in cleaned), dtype=np.uint64, count=len(cleaned))
+    hasher = _worker["hasher"]
+    signatures = hasher.signatures(cleaned) if hasher is not None and cleaned else None
+    return cleaned, stats, hashes, signatures
+
+
+def _init_tokenize_worker(model: Path) -> None:
+    _worker["tokenizer"] = tokenizer = Tokenizer.load(model, num_threads=1)
+    _worker["fallback"] = np.asarray(tokenizer.fallback_ids(), dtype=np.uint32)
+
+
+def _tokenize_batch(batch: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One batch as compact arrays (cheap to send between processes): each document's split,
+    its token ids with a trailing EOS (all documents concatenated, uint32), and per document
+    the number of tokens, UTF-8 bytes, words and fallback tokens (``<unk>`` or bytes)."""
+    tokenizer = _worker["tokenizer"]
+    texts = [text for _, text in batch]
+    encoded = tokenizer.encode_batch(texts)
+    eos = [tokenizer.eos_id]
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+    ids = np.fromiter(itertools.chain.from_iterable(itertools.chain(ids, eos) for ids in encoded), dtype=np.uint32,
+                      count=int(lengths.sum()))
+    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    words = np.fromiter((len(t.split()) for t in texts), dtype=np.int64, count=len(texts))
+    fallback = np.add.reduceat(np.isin(ids, _worker["fallback"]).astype(np.int64), np.cumsum(lengths) - lengths)
+    return [split for split, _ in batch], ids, lengths, nbytes, words, fallback
+
+
+def _build(folder: Path, source: Mapping, cleaning: Mapping, dedup_cfg: Mapping, split_cfg: Mapping,
+           tokenizer_cfg: Mapping, meta: dict, num_proc: int) -> None:
+    dedup = DedupConfig.from_cfg(dedup_cfg)
+    seconds: dict[str, float] = {}
+    stats: dict = {}
+
+    # 1. stream the source through cleaning (and hashing/MinHash) into the staging file
+    clock = time.perf_counter()
+    staged = _Staging(folder / "documents.staging", dedup.num_perm if dedup.near else 0)
+    batches = batched(iter_documents(source), _BATCH_DOCS, _BATCH_CHARS)
+    results = ordered_map(_clean_batch, batches, num_proc, _init_clean_worker, (plain_config(cleaning), dedup))
+    with tqdm(desc="cleaning", unit="doc") as bar:
+        for cleaned, batch_stats, hashes, signatures in results:
+            _add_counts(stats, batch_stats)
+            staged.add(cleaned, hashes, signatures)
+            bar.update(batch_stats.get("documents_in", 0))
     staged.close()
+    seconds["read_and_clean"] = time.perf_counter() - clock
     if not staged.lengths:
-        raise UserError(f"corpus is empty: {plain_config(source)} gave 0 documents after cleaning "
-                        f"(check data.corpus.source.path and data.corpus.cleaning.min_chars)")
+        raise UserError(f"corpus is empty: {_where(source)} gave 0 documents after cleaning ({_removals(stats)}); "
+                        f"check data.corpus.source.path and the data.corpus.cleaning filters")
+
+    # 2. deduplicate: exact, then near-duplicates among what is left
+    clock = time.perf_counter()
+    dedup_stats = staged.deduplicate(dedup)
+    seconds["dedup"] = time.perf_counter() - clock
+    if not staged.kept_count:
+        raise UserError(f"corpus is empty after deduplication: {_where(source)}")
+
+    # 3. split, train the tokenizer on the train split, tokenize every split
     assign = _assigner(split_cfg, staged)
     splits = [s for s in SPLITS if s == "train" or float(split_cfg.get(f"{s}_fraction") or 0) > 0]
-
+    clock = time.perf_counter()
     model = train_tokenizer((text for split, text in assign() if split == "train"), tokenizer_cfg, folder / "tokenizer")
     tokenizer = Tokenizer.load(model)
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    writers = {s: _SplitWriter(folder, s, dtype, tokenizer) for s in splits}
-    with tqdm(total=staged.total_bytes, desc="tokenizing", unit="B", unit_scale=True) as bar:
-        for split, text in assign():
-            writers[split].add(text)
-            bar.update(len(text.encode("utf-8")))
-    staged.path.unlink()
+    seconds["tokenizer_training"] = time.perf_counter() - clock
 
+    clock = time.perf_counter()
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    writers = {s: _SplitWriter(folder, s, dtype) for s in splits}
+    batches = batched(assign(), _BATCH_DOCS, _BATCH_CHARS, size=lambda item: len(item[1]))
+    with tqdm(total=staged.kept_bytes, desc="tokenizing", unit="B", unit_scale=True) as bar:
+        for labels, ids, lengths, nbytes, words, fallback in ordered_map(_tokenize_batch, batches, num_proc, _init_tokenize_worker, (model,)):
+            labels = np.asarray(labels)
+            token_labels = np.repeat(labels, lengths)
+            for split in np.unique(labels):
+                docs = labels == split
+                writers[split].add(ids[token_labels == split], lengths[docs], int(nbytes[docs].sum()), int(words[docs].sum()),
+                                   int(fallback[docs].sum()))
+            bar.update(int(nbytes.sum()))
+    seconds["tokenize"] = time.perf_counter() - clock
+    staged.remove()
+
+    split_info = {s: w.close() for s, w in writers.items()}
     meta.update(created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), dtype=np.dtype(dtype).name,
                 tokenizer={"cfg": plain_config(tokenizer_cfg), "type": tokenizer_cfg.get("type", "bpe"), "file": model.name,
                            "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
-                cleaning_stats=stats, splits={s: w.close() for s, w in writers.items()})
+                cleaning_stats=stats, dedup_stats=dedup_stats, splits=split_info, report_file=REPORT_FILE)
+    report = build_report(meta, seconds, num_proc)
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
     tmp = folder / "metadata.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, folder / "metadata.json")
+    os.replace(tmp, folder / "metadata.json")  # last: an entry without it is incomplete
+
+
+def _add_counts(total: dict, more: dict) -> None:
+    for k, v in more.items():
+        total[k] = total.get(k, 0) + v
+
+
+def _where(source: Mapping) -> str:
+    return f"data.corpus.source (kind={source.get('kind')}, path={source.get('path')})"
+
+
+def _removals(stats: dict) -> str:
+    removed = [f"{k[8:]}: {v}" for k, v in sorted(stats.items()) if k.startswith("removed_") and not k.endswith("_bytes") and v]
+    return f"{stats.get('documents_in', 0)} documents in; removed by " + (", ".join(removed) or "none")
 
 
 def _publish(build: Path, entry: Path) -> None:
@@ -168,65 +281,110 @@ def _load(entry: Path) -> PreparedCorpus:
 
 
 class _Staging:
-    """Cleaned documents on disk (UTF-8 text back to back plus their lengths), so the
-    split, tokenizer training and tokenization can each stream them again."""
+    """Cleaned documents on disk (UTF-8 text back to back), their lengths, exact hashes and
+    MinHash signatures (a file of uint32 rows), so dedup, the split, tokenizer training and
+    tokenization can each stream them again. ``keep`` marks the documents dedup kept."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, num_perm: int) -> None:
         self.path, self._file = path, open(path, "wb")
+        self.num_perm = num_perm
+        self._signature_path = path.with_suffix(".signatures")
+        self._signatures = open(self._signature_path, "wb") if num_perm else None
         self.lengths: list[int] = []  # bytes per document
         self.chars: list[int] = []  # characters per document (contiguous split)
-        self.total_bytes = 0
+        self._hashes: list[np.ndarray] = []
+        self.keep: np.ndarray | None = None
 
-    def add(self, text: str) -> None:
-        data = text.encode("utf-8")
-        self._file.write(data)
-        self.lengths.append(len(data))
-        self.chars.append(len(text))
-        self.total_bytes += len(data)
+    def add(self, texts: list[str], hashes: np.ndarray, signatures: np.ndarray | None) -> None:
+        for text in texts:
+            data = text.encode("utf-8")
+            self._file.write(data)
+            self.lengths.append(len(data))
+            self.chars.append(len(text))
+        self._hashes.append(hashes)
+        if self._signatures is not None and signatures is not None:
+            self._signatures.write(np.ascontiguousarray(signatures, dtype=np.uint32).tobytes())
 
     def close(self) -> None:
         self._file.close()
+        if self._signatures is not None:
+            self._signatures.close()
+        self.keep = np.ones(len(self.lengths), dtype=bool)
+
+    @property
+    def kept_count(self) -> int:
+        return int(self.keep.sum())
+
+    @property
+    def kept_bytes(self) -> int:
+        return int(np.asarray(self.lengths, dtype=np.int64)[self.keep].sum())
+
+    def kept_chars(self) -> list[int]:
+        return [c for c, k in zip(self.chars, self.keep) if k]
+
+    def deduplicate(self, cfg: DedupConfig) -> dict:
+        """Mark exact, then near duplicates as not kept; the removal counts and bytes."""
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        stats: dict = {"documents_in": len(lengths), "bytes_in": int(lengths.sum())}
+        if cfg.exact:
+            keep, exact = exact_duplicates(np.concatenate(self._hashes))
+            self.keep &= keep
+            stats.update(exact, exact_removed_bytes=int(lengths[~keep].sum()))
+        if cfg.near:
+            index = np.flatnonzero(self.keep)
+            signatures = np.memmap(self._signature_path, dtype=np.uint32, mode="r").reshape(-1, self.num_perm)[index]
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            with open(self.path, "rb") as f:
+                def text_of(i: int) -> str:
+                    f.seek(offsets[index[i]])
+                    return f.read(lengths[index[i]]).decode("utf-8")
+                keep, near = near_duplicates(signatures, cfg, text_of)
+            self.keep[index[~keep]] = False
+            stats.update(near, near_removed_bytes=int(lengths[index[~keep]].sum()))
+        stats.update(documents_out=self.kept_count, bytes_out=self.kept_bytes)
+        return stats
 
     def __iter__(self) -> Iterator[str]:
         with open(self.path, "rb") as f:
-            for n in self.lengths:
-                yield f.read(n).decode("utf-8")
+            for n, keep in zip(self.lengths, self.keep):
+                data = f.read(n)
+                if keep:
+                    yield data.decode("utf-8")
+
+    def remove(self) -> None:
+        self.path.unlink()
+        self._signature_path.unlink(missing_ok=True)
 
 
 class _SplitWriter:
-    """Tokenizes one split in chunks and appends the ids to ``<split>.bin`` as it goes."""
+    """Appends one split's token ids to ``<split>.bin`` as they arrive."""
 
-    def __init__(self, folder: Path, split: str, dtype: type, tokenizer: Tokenizer) -> None:
-        self.folder, self.split, self.dtype, self.tokenizer = folder, split, dtype, tokenizer
+    def __init__(self, folder: Path, split: str, dtype: type) -> None:
+        self.folder, self.split, self.dtype = folder, split, dtype
         self._file = open(folder / f"{split}.bin", "wb")
         self._hash = hashlib.sha256()
-        self._pending: list[str] = []
-        self._pending_bytes = 0
         self.starts: list[int] = []
-        self.tokens = self.bytes = 0
+        self.tokens = self.bytes = self.words = self.fallback = 0
 
-    def add(self, text: str) -> None:
-        self._pending.append(text)
-        self._pending_bytes += len(text.encode("utf-8"))
-        if self._pending_bytes >= _ENCODE_CHUNK_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        for ids in self.tokenizer.encode_batch(self._pending):
-            self.starts.append(self.tokens)
-            data = np.asarray(ids + [self.tokenizer.eos_id], dtype=self.dtype).tobytes()
-            self._file.write(data)
-            self._hash.update(data)
-            self.tokens += len(ids) + 1
-        self.bytes += self._pending_bytes
-        self._pending, self._pending_bytes = [], 0
+    def add(self, ids: np.ndarray, lengths: np.ndarray, nbytes: int, words: int, fallback: int) -> None:
+        """``ids``: documents' token ids back to back, each with its EOS; ``lengths``: tokens
+        per document; ``nbytes``, ``words``, ``fallback``: UTF-8 bytes, words and
+        ``<unk>``/byte-fallback tokens of those documents."""
+        self.fallback += fallback
+        self.starts.extend((self.tokens + np.cumsum(lengths) - lengths).tolist())
+        data = ids.astype(self.dtype).tobytes()
+        self._file.write(data)
+        self._hash.update(data)
+        self.tokens += len(ids)
+        self.bytes += nbytes
+        self.words += words
 
     def close(self) -> dict:
-        self._flush()
         self._file.close()
         np.save(self.folder / f"{self.split}.idx.npy", np.asarray(self.starts, dtype=np.int64))
-        return {"tokens": self.tokens, "bytes": self.bytes, "documents": len(self.starts), "file": f"{self.split}.bin",
-                "index_file": f"{self.split}.idx.npy", "sha256_of_bin": self._hash.hexdigest()}
+        return {"tokens": self.tokens, "bytes": self.bytes, "words": self.words, "fallback_tokens": self.fallback,
+                "documents": len(self.starts),
+                "file": f"{self.split}.bin", "index_file": f"{self.split}.idx.npy", "sha256_of_bin": self._hash.hexdigest()}
 
 
 # --- splitting ----------------------------------------------------------------------------
@@ -246,7 +404,7 @@ def _assigner(cfg: Mapping, staged: _Staging):
     if cfg.get("mode", "document") == "contiguous":
         # As nanoGPT: the first (1 - val - test) of the characters train, then val, then
         # test; a document that straddles a boundary is cut in two.
-        total = sum(staged.chars)
+        total = sum(staged.kept_chars())
         train_end, val_end = int(total * (1 - val - test)), int(total * (1 - test))
         ranges = {"train": (0, train_end), "val": (train_end, val_end), "test": (val_end, total)}
         for split, (lo, hi) in ranges.items():
@@ -264,7 +422,7 @@ def _assigner(cfg: Mapping, staged: _Staging):
                 offset += len(text)
         return contiguous
 
-    labels = _document_labels(len(staged.lengths), val, test, int(cfg.get("seed", 0)))
+    labels = _document_labels(staged.kept_count, val, test, int(cfg.get("seed", 0)))
     return lambda: ((SPLITS[label], text) for label, text in zip(labels, staged))
 
 

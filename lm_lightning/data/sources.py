@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import os
 import platform
 import sysconfig
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from lm_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
 
 KINDS = ("text", "jsonl", "parquet", "hf", "stdlib")
 
@@ -98,10 +101,13 @@ def _files(source: Mapping, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}): convert it or remove it from data.corpus.source.path") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path} line {line} is not valid UTF-8 ({e.reason} at byte {e.start}): "
+                        f"convert it or remove it from data.corpus.source.path") from None
 
 
 def _text_records(source: Mapping) -> Iterator[str]:
@@ -110,18 +116,32 @@ def _text_records(source: Mapping) -> Iterator[str]:
 
 
 def _jsonl_records(source: Mapping) -> Iterator[str]:
+    """Records' ``text_field``. A line that is not UTF-8, not JSON or has no text field is an
+    error naming the file and line, or with ``skip_bad_records: true`` a warning and skipped."""
     field = source.get("text_field") or "text"
+    skip = bool(source.get("skip_bad_records", False))
     for path in _files(source, _SUFFIXES["jsonl"]):
         opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {number} is not valid JSON ({e.msg}): fix or remove that line") from None
-                yield _field(record, field, f"{path} line {number}")
+                    line = raw.decode("utf-8")
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path} line {number} is not valid JSON ({e.msg})") from None
+                    yield _field(record, field, f"{path} line {number}")
+                except UnicodeDecodeError as e:
+                    problem = f"{path} line {number} is not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
+                    if not skip:
+                        raise UserError(f"{problem}: convert the file to UTF-8 or set data.corpus.source.skip_bad_records=true") from None
+                    log.warning("skipped: %s", problem)
+                except UserError as e:
+                    if not skip:
+                        raise UserError(f"{e}: fix or remove that line, or set data.corpus.source.skip_bad_records=true") from None
+                    log.warning("skipped: %s", e)
 
 
 def _parquet_records(source: Mapping) -> Iterator[str]:
@@ -153,7 +173,7 @@ def _hf_records(source: Mapping) -> Iterator[str]:
 
 def _field(record: Any, field: str, where: str) -> str:
     if not isinstance(record, Mapping) or not isinstance(record.get(field), str):
-        raise UserError(f"{where} has no text field {field!r}: set data.corpus.source.text_field")
+        raise UserError(f"{where} has no text field {field!r} (check data.corpus.source.text_field)")
     return record[field]
 
 

@@ -86,7 +86,7 @@ def _training_lines(docs: Iterable[str]) -> Iterator[str]:
 class Tokenizer:
     """A trained sentencepiece model. Ids are ints in ``[0, vocab_size)``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, num_threads: int | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"tokenizer model not found: {self.path} (train one or fix the tokenizer path)")
@@ -97,11 +97,11 @@ class Tokenizer:
         self.pad_id, self.unk_id = self._sp.pad_id(), self._sp.unk_id()
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         self.newline_id = self.token_to_id(NEWLINE)
-        self._threads = os.cpu_count() or 1
+        self._threads = num_threads or os.cpu_count() or 1  # sentencepiece threads in encode_batch
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        return cls(Path(path))
+    def load(cls, path: str | Path, num_threads: int | None = None) -> Tokenizer:
+        return cls(Path(path), num_threads)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no BOS/EOS added."""
@@ -133,6 +133,10 @@ class Tokenizer:
         lines.append(current)
         # A byte-fallback word keeps its leading space marker as raw bytes; make it a space.
         return NEWLINE.join(self._sp.decode(line).replace("\u2581", " ") for line in lines)
+
+    def fallback_ids(self) -> list[int]:
+        """Ids that mean the vocabulary did not cover the text: ``<unk>`` and byte-fallback pieces."""
+        return [i for i in range(self.vocab_size) if i == self.unk_id or self._sp.is_byte(i)]
 
     def token_to_id(self, piece: str) -> int:
         i = self._sp.piece_to_id(piece)

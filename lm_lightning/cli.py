@@ -10,6 +10,7 @@ COMMANDS = {
     "prepare": ("lm_lightning.prepare", "clean, split and tokenize a corpus into the cache (conf/prepare.yaml)"),
     "evaluate": ("lm_lightning.evaluate", "loss, perplexity and bits-per-byte of a checkpoint on a text file"),
     "generate": ("lm_lightning.generate", "sample text from a checkpoint (greedy, top-k, top-p, temperature)"),
+    "estimate": ("lm_lightning.estimate", "parameters, FLOPs/token and memory per device of a model config (conf/estimate.yaml)"),
 }
 
 
@@ -33,6 +34,9 @@ def main() -> None:
         sys.exit(2)
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"lm-lightning {command}", *sys.argv[2:]]
+    # Lightning's DDP/FSDP launcher re-runs `python -m <__main__.__spec__.name> <sys.argv[1:]>` for
+    # each extra rank: point it at the command's own module (`python -m lm_lightning.train ...`)
+    sys.modules["__main__"].__spec__ = module.__spec__
     module.main()
 
 

@@ -224,7 +224,8 @@ def test_ranks_get_equal_disjoint_shares_of_one_stream(mode):
     shares = [order(mode, seed=5, epoch=1, rank=r, world_size=world) for r in range(world)]
     per_rank = len(full) // world
     assert [len(s) for s in shares] == [per_rank] * world
-    assert sum(shares, []) == full[: world * per_rank]  # disjoint slices of the single-process stream
+    # interleaved: the ranks' i-th items are the single process's i-th group of `world` items
+    assert [s[i] for i in range(per_rank) for s in shares] == full[: world * per_rank]
     if mode != "random":
         assert len(set(sum(shares, []))) == world * per_rank
     sampler = WindowSampler(N_TOKENS, BLOCK, mode, 5, rank=1, world_size=world)

@@ -70,8 +70,10 @@ class WindowSampler(Sampler[int]):
             starts = np.arange(phase, self.n_starts, self.block_size)
             if self.mode == "shuffled":
                 starts = rng.permutation(starts)
-        per_rank = len(starts) // self.world_size  # equal share per rank, so DDP ranks stay in step
-        return starts[self.rank * per_rank : (self.rank + 1) * per_rank]
+        # rank r takes every world_size-th window from r: the ranks' i-th micro-batches together hold
+        # exactly the i-th global batch of a single process, so losses and resumes match across world sizes
+        per_rank = len(starts) // self.world_size  # equal share per rank, so ranks stay in step
+        return starts[: per_rank * self.world_size][self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         starts = self._starts()[self.skip :]

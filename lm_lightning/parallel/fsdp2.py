@@ -1,0 +1,76 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) applied to a model from outside, torchtitan-style.
+
+``parallelize_fsdp2`` shards each transformer block as its own unit (its parameters are gathered
+just before the block runs and freed after it) and then the root module (embeddings, final norm
+and the head, tied or not). ``FSDP2Strategy`` is Lightning's ``ModelParallelStrategy`` with a
+purely data-parallel mesh over every process, so it runs on CPU (gloo) as well as on GPUs (nccl).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` with one data-parallel dimension spanning all processes of all nodes.
+
+    Lightning's default (``data_parallel_size="auto"``) is one data-parallel group per node, meant for
+    2-D FSDP + tensor parallelism; pure FSDP2 wants every process in the data-parallel group.
+    The sharding itself is applied by the task's ``configure_model`` hook (``parallelize_fsdp2``).
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = True, **kwargs: Any) -> None:
+        super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # meta.pt holds what a single-file checkpoint holds (RNG states, loops): trusted the same way
+        return super().load_checkpoint(checkpoint_path, weights_only=False if weights_only is None else weights_only)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def parallelize_fsdp2(
+    model: nn.Module,
+    device_mesh: Any,
+    blocks: str = "h",
+    reshard_after_forward: bool = True,
+    activation_checkpointing: bool = False,
+    param_dtype: str | None = None,
+    reduce_dtype: str | None = None,
+) -> nn.Module:
+    """Shards ``model`` in place with FSDP2: every module in ``model.<blocks>`` (a ModuleList), then the root.
+
+    ``device_mesh``: Lightning's mesh (its ``data_parallel`` dimension is used) or a 1-D mesh.
+    ``param_dtype`` / ``reduce_dtype``: dtype names for FSDP2's mixed precision (e.g. ``bfloat16``
+    on GPUs: parameters all-gathered in bf16, gradients reduced in fp32); None keeps fp32.
+    ``activation_checkpointing``: recompute each block's activations in the backward pass.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = device_mesh
+    if mesh is not None and mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+        mesh = mesh["data_parallel"]
+    policy = MixedPrecisionPolicy(
+        param_dtype=DTYPES[param_dtype] if param_dtype else None,
+        reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype else None,
+    )
+    layers: nn.ModuleList = getattr(model, blocks)
+    for i, block in enumerate(layers):
+        if activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            block = layers[i] = checkpoint_wrapper(block)  # state-dict keys stay the same
+        # the last block's parameters are needed again first in backward: keep them gathered
+        last = i == len(layers) - 1
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward and not last, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    return model

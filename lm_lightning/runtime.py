@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lm_lightning.errors import UserError
+from lm_lightning.tracking.sweep import JobFailure
 
 log = logging.getLogger("lm_lightning")
 
@@ -57,13 +58,20 @@ def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], C
     def decorate(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         @functools.wraps(fn)
         def task(cfg: DictConfig) -> Any:
+            multirun = HydraConfig.get().mode == RunMode.MULTIRUN
             try:
                 return fn(cfg)
-            except UserError as err:
-                print(f"error: {err}", file=sys.stderr, flush=True)
-                if HydraConfig.get().mode == RunMode.MULTIRUN:
-                    return None
-                sys.exit(2)
+            except Exception as err:
+                if user_error := _user_error(err):
+                    print(f"error: {user_error}", file=sys.stderr, flush=True)
+                    if multirun:
+                        return JobFailure(str(user_error))
+                    sys.exit(2)
+                if not multirun:
+                    raise
+                # a crashed job is logged in full and reported; the sweep goes on with the next job
+                log.exception("job failed")
+                return JobFailure(f"{type(err).__name__}: {err}")
 
         app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(task)
 
@@ -78,6 +86,15 @@ def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], C
         return entry
 
     return decorate
+
+
+def _user_error(err: BaseException) -> UserError | None:
+    """The UserError behind ``err``, also when Hydra's instantiate wrapped it."""
+    while err is not None:
+        if isinstance(err, UserError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def check_overrides(config_name: str, args: list[str]) -> str | None:
@@ -104,9 +121,16 @@ def check_overrides(config_name: str, args: list[str]) -> str | None:
         overrides.append(arg)
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides)
     except (ConfigCompositionException, MissingConfigException) as err:
         return _one_line(err, config_name)
+    if config_name == "train":
+        from lm_lightning.config_checks import check_train_config
+
+        try:
+            check_train_config(cfg)
+        except UserError as err:
+            return str(err)
     return None
 
 
@@ -165,13 +189,13 @@ def resolve_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | Non
         return None
     if ckpt_path == "last":
         path = checkpoint_dir / "last.ckpt"
-        if not path.is_file():
+        if not path.exists():  # a file, or a folder of shards (strategy=fsdp2)
             raise UserError(
                 f"ckpt_path=last but {path} does not exist: resume inside the earlier run's folder with "
                 "hydra.run.dir=<that folder> ckpt_path=last, or pass ckpt_path=<file.ckpt>"
             )
         return str(path)
-    if not Path(ckpt_path).is_file():
+    if not Path(ckpt_path).exists():
         raise UserError(f"checkpoint not found: {ckpt_path} (pass ckpt_path=<an existing .ckpt file>)")
     return ckpt_path
 
@@ -182,10 +206,12 @@ def load_trained(ckpt_path: str, device: str = "cpu"):
     from lm_lightning.tasks.language_model import LanguageModelTask
 
     path = Path(ckpt_path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"checkpoint not found: {path} (pass ckpt_path=<an existing .ckpt file>)")
     try:
-        task = LanguageModelTask.load_from_checkpoint(path, map_location=device, weights_only=False)
+        from lm_lightning.parallel.checkpoint import as_file  # a sharded (fsdp2) folder is gathered in memory
+
+        task = LanguageModelTask.load_from_checkpoint(as_file(path), map_location=device, weights_only=False)
     except Exception as err:  # a truncated or foreign file fails in many ways inside torch.load
         raise UserError(f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); pass another ckpt_path") from err
     if task.tokenizer_model is None:

@@ -16,11 +16,14 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from lm_lightning.config_checks import check_train_config
 from lm_lightning.data.corpus import unigram_entropy
 from lm_lightning.data.datamodule import LMDataModule
 from lm_lightning.generation import generate_text
+from lm_lightning.parallel.setup import build_strategy, check_precision, micro_batch_size, world_size
 from lm_lightning.runtime import (
     hydra_command,
     instantiate_group,
@@ -31,17 +34,26 @@ from lm_lightning.runtime import (
 )
 from lm_lightning.tasks.language_model import LanguageModelTask
 from lm_lightning.tracking.records import plot_loss_curves, write_run_record
+from lm_lightning.training.checkpoint_io import AtomicCheckpointIO
 
 log = logging.getLogger("lm_lightning.train")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Runs one training job; returns the run record (also written to ``<run>/run.json``)."""
+    check_train_config(cfg)
     set_threads(cfg.get("num_threads"))
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), checkpoint_dir)
+
+    check_precision(cfg.precision, cfg.trainer.accelerator)
+    world = world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
+    if cfg.get("global_batch_tokens"):  # the micro-batch follows from the global batch, processes and accumulation
+        cfg.data.batch_size = micro_batch_size(cfg.global_batch_tokens, cfg.model.block_size, world,
+                                               cfg.trainer.accumulate_grad_batches)
+    strategy, parallelize = build_strategy(cfg.strategy)
 
     datamodule: LMDataModule = hydra.utils.instantiate(cfg.data, tokenizer=plain(cfg.tokenizer))
     corpus = datamodule.corpus
@@ -53,8 +65,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler),
         bytes_per_token={split: datamodule.bytes_per_token(split) for split in ("train", "val")},
-        tokens_per_step=cfg.data.batch_size * cfg.model.block_size * cfg.trainer.accumulate_grad_batches,
+        tokens_per_step=cfg.data.batch_size * cfg.model.block_size * cfg.trainer.accumulate_grad_batches * world,
         tokenizer_model=Path(corpus.tokenizer_path).read_bytes(),
+        parallelize=parallelize,
+        compile=cfg.get("compile", False),
     )
     params = task.model.parameter_count()
     log.info("model: %s parameters (%s non-embedding), %.3g training FLOPs/token",
@@ -66,21 +80,35 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(
             {"config": plain(cfg), "parameters": params.as_dict(), "corpus": corpus.metadata, "run_name": name}
         )
-    strategy = hydra.utils.instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.callbacks), strategy=strategy
+        cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.callbacks), strategy=strategy,
+        plugins=[AtomicCheckpointIO()],
     )
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    stopped_by_signal = False
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        # Lightning finished the batch in flight; the last-checkpoint callback saved last.ckpt
+        stopped_by_signal = True
+    _save_last(trainer, checkpoint_dir / "last.ckpt")
 
-    final = _final_validation(trainer, task, datamodule)
+    final = {} if stopped_by_signal else _final_validation(trainer, task, datamodule)
     record = _record(cfg, trainer, task, corpus, final, output_dir, name, group)
+    record["status"] = "stopped by signal" if stopped_by_signal else "finished"
     if trainer.is_global_zero:
-        sample = _sample(cfg, task, tokenizer)
-        record["sample"] = sample
+        record["sample"] = None if stopped_by_signal else _sample(cfg, task, tokenizer)
         _finish_tracking(loggers, record, output_dir)
         write_run_record(output_dir / "run.json", record)
         _print_summary(record)
     return record
+
+
+def _save_last(trainer: L.Trainer, path: Path) -> None:
+    """Makes sure last.ckpt holds the final state (the periodic callback may have saved an earlier step)."""
+    saved_steps = [getattr(cb, "_last_global_step_saved", None) for cb in trainer.checkpoint_callbacks
+                   if getattr(cb, "save_last", False)]
+    if trainer.global_step > 0 and trainer.global_step not in saved_steps:
+        trainer.save_checkpoint(path)
 
 
 def _final_validation(trainer: L.Trainer, task: LanguageModelTask, datamodule: LMDataModule) -> dict[str, float]:
@@ -124,8 +152,8 @@ def _position_table_size(model) -> int:
 
 
 def _sample(cfg: DictConfig, task: LanguageModelTask, tokenizer) -> str | None:
-    if not cfg.sample.max_new_tokens:
-        return None
+    if not cfg.sample.max_new_tokens or task.parallelize is not None:
+        return None  # a sharded model's forward needs every rank; sample from the checkpoint instead
     generator = torch.Generator().manual_seed(cfg.seed)
     return generate_text(
         task.model, tokenizer, cfg.sample.prompt, max_new_tokens=cfg.sample.max_new_tokens,
@@ -160,7 +188,7 @@ def _print_summary(record: dict[str, Any]) -> None:
         f"parameters: {params['total']:,} ({params['total'] / 1e6:.2f}M; {params['non_embedding']:,} non-embedding; "
         f"{params['total'] - params['position_table']:,} = {(params['total'] - params['position_table']) / 1e6:.2f}M "
         "without the position table, as nanoGPT counts)",
-        f"final validation: loss {final.get('val/loss', math.nan):.4f} nats/token, "
+        f"final validation: loss {final.get('val/loss', math.nan):.4f} nats/token, "  # nan when stopped early
         f"perplexity {final.get('val/perplexity', math.nan):.3f}, bits-per-byte {final.get('val/bpb', math.nan):.4f}",
         f"unigram entropy of the validation tokens: {record['val_unigram_entropy']:.4f} nats/token",
         f"best checkpoint: {record['checkpoints']['best'] or '(none)'}",
@@ -172,6 +200,9 @@ def _print_summary(record: dict[str, Any]) -> None:
     ]
     if record.get("sample") is not None:
         lines += ["sample:", record["config"]["sample"]["prompt"] + record["sample"]]
+    if record["status"] != "finished":
+        lines += [f"{record['status']} at step {record['steps']}: resume with the same command plus "
+                  f"hydra.run.dir={record['output_dir']} ckpt_path=last"]
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)
 

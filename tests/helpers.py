@@ -13,22 +13,32 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LM_LIGHTNING_DATA", REPO.parent / "shared" / "data"))
 
 
-def run_cli(*args: str, cwd: Path, cache: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs ``python -m lm_lightning <args>`` with W&B offline and the given corpus cache."""
-    env = {
+def cli_env(cache: Path) -> dict[str, str]:
+    """The environment of a test subprocess: W&B offline, this corpus cache, tests/ importable."""
+    return {
         **os.environ,
         "LM_LIGHTNING_CACHE": str(cache),
         "LM_LIGHTNING_DATA": str(SHARED_DATA),
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
         "HYDRA_FULL_ERROR": "0",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "lm_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+
+
+def run_cli(*args: str, cwd: Path, cache: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs ``python -m lm_lightning <args>`` and waits for it; raises with its output when it fails."""
+    proc = subprocess.run([sys.executable, "-m", "lm_lightning", *args], cwd=cwd, env=cli_env(cache),
+                          capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"lm-lightning {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def start_cli(*args: str, cwd: Path, cache: Path) -> subprocess.Popen:
+    """Starts ``python -m lm_lightning <args>`` without waiting (for signal and kill tests)."""
+    return subprocess.Popen([sys.executable, "-m", "lm_lightning", *args], cwd=cwd, env=cli_env(cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:

@@ -3,11 +3,13 @@ weight-decay groups, a per-step schedule, and the metrics of SPEC §5 and §8.""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -32,16 +34,20 @@ class LanguageModelTask(L.LightningModule):
         bytes_per_token: Mapping[str, float] | None = None,
         tokens_per_step: int | None = None,
         tokenizer_model: bytes | None = None,
+        parallelize: Callable[[nn.Module, Any], nn.Module] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # configs are saved so a checkpoint rebuilds the model alone; callables are not serialisable
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "tokenizer_model"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "tokenizer_model", "parallelize", "compile"])
         self.model: nn.Module = hydra.utils.instantiate(_plain(model))
         self.objective = hydra.utils.instantiate(_plain(objective))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.bytes_per_token = dict(bytes_per_token or {})
         self.tokens_per_step = tokens_per_step
         self.tokenizer_model = tokenizer_model
+        self.parallelize, self.compile_model = parallelize, compile
+        self._configured = False
         self.train_metrics = LanguageModelMetrics(self.bytes_per_token.get("train"))
         self.val_metrics = LanguageModelMetrics(self.bytes_per_token.get("val"))
         self.context = getattr(self.model, "context_length", None)
@@ -51,6 +57,21 @@ class LanguageModelTask(L.LightningModule):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
+
+    def configure_model(self) -> None:
+        """Compiles and/or shards the model once, from outside (FSDP2: ``parallelize(model, device_mesh)``).
+
+        Compilation is in place (``nn.Module.compile``), so parameter names and checkpoints do not
+        change; with sharding each block is compiled on its own before ``fully_shard``, as torchtitan does.
+        """
+        if self._configured:
+            return
+        self._configured = True
+        if self.compile_model:
+            for module in (self.model.h if self.parallelize is not None else [self.model]):
+                module.compile()
+        if self.parallelize is not None:
+            self.parallelize(self.model, self.device_mesh)
 
     @property
     def flops_per_batch(self) -> int:
@@ -66,13 +87,18 @@ class LanguageModelTask(L.LightningModule):
         self.train_metrics.update(out.nll_sum, out.n_tokens)
         metrics = self.train_metrics.compute()
         self.train_metrics.reset()
-        self.log("train/loss", out.loss.detach(), prog_bar=True)
+        # averaged over ranks: the loss of the whole global batch, comparable across world sizes
+        self.log("train/loss", out.loss.detach(), prog_bar=True, sync_dist=self._distributed)
         self.log_dict({f"train/{k}": v for k, v in metrics.items() if k != "loss"})
         tokens_per_step = self.tokens_per_step or self._batch_tokens * self.trainer.world_size
         tokens_seen = (self.global_step + 1) * tokens_per_step
         self.log("train/tokens_seen", float(tokens_seen))
         self.log("train/flops_so_far", float(tokens_seen * self._flops_per_token))
         return out.loss
+
+    @property
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._batch_tokens = batch[:, 1:].numel()
@@ -100,9 +126,16 @@ class LanguageModelTask(L.LightningModule):
         # the tokenizer travels inside the checkpoint, so evaluate/generate need nothing else
         if self.tokenizer_model is not None:
             checkpoint["tokenizer_model"] = self.tokenizer_model
+        # random states, so dropout masks and sampling continue as if the run had never stopped
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                    "python": random.getstate()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokenizer_model = checkpoint.get("tokenizer_model", self.tokenizer_model)
+        if states := checkpoint.get("rng_states"):
+            torch.set_rng_state(states["torch"])
+            np.random.set_state(states["numpy"])
+            random.setstate(states["python"])
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -38,8 +40,18 @@ def resolve_mode(mode: str) -> str:
 
 
 def wandb_logger(mode: str = "auto", save_dir: str = ".", **kwargs: Any) -> WandbLogger:
-    """Lightning's WandbLogger with the mode resolved; quiet, and without the login prompt."""
+    """Lightning's WandbLogger with the mode resolved; quiet, and without the login prompt.
+
+    The run id is kept in ``<save_dir>/wandb_run_id``: a job resumed in its own folder
+    continues the same W&B run (online or offline) instead of starting a new one.
+    """
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")  # the CSV log and the console keep the text; W&B keeps metrics
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(mode=resolve_mode(mode), save_dir=save_dir, anonymous=None, **kwargs)
+    id_file = Path(save_dir) / "wandb_run_id"
+    if "id" not in kwargs:
+        if not id_file.is_file():
+            alphabet = string.ascii_lowercase + string.digits  # the form of W&B's own run ids
+            id_file.write_text("".join(secrets.choice(alphabet) for _ in range(8)))
+        kwargs["id"] = id_file.read_text().strip()
+    return WandbLogger(mode=resolve_mode(mode), save_dir=save_dir, anonymous=None, **kwargs)  # resume="allow" is its default

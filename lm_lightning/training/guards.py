@@ -1,0 +1,84 @@
+"""Callbacks for the faults a long run meets: a non-finite loss or gradient, and pre-emption signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lm_lightning.errors import UserError
+
+log = logging.getLogger("lm_lightning")
+MODES = ("skip", "stop")
+
+
+class NonFiniteGuard(Callback):
+    """Checks every gradient before the optimizer step.
+
+    ``skip``: a NaN/Inf anywhere drops the whole update (gradients set to None, so AdamW leaves
+    weights and moments untouched), counts it as ``train/skipped_steps`` and goes on; after
+    ``max_skips`` skipped steps the run stops. ``stop``: the run ends with an error and a
+    checkpoint ``nonfinite-step<N>.ckpt`` of the weights from before the bad step.
+    """
+
+    def __init__(self, mode: str = "skip", max_skips: int = 100) -> None:
+        if mode not in MODES:
+            raise UserError(f"callbacks.nonfinite.mode={mode!r} is not known: choose skip or stop")
+        self.mode, self.max_skips = mode, max_skips
+        self.skipped = 0
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            return
+        step = trainer.global_step
+        if self.mode == "stop":
+            for p in pl_module.parameters():
+                p.grad = None
+            path = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
+            path = path / f"nonfinite-step{step}.ckpt"
+            trainer.save_checkpoint(path)
+            raise NonFiniteError(f"non-finite loss or gradient at step {step}; the weights from before it are "
+                                 f"saved in {path} (callbacks.nonfinite.mode=skip skips such steps instead)")
+        for p in pl_module.parameters():
+            p.grad = None
+        self.skipped += 1
+        log.warning("non-finite gradient at step %d: update skipped (%d so far)", step, self.skipped)
+        if self.skipped > self.max_skips:
+            raise NonFiniteError(f"{self.skipped} steps had non-finite gradients, more than "
+                                 f"callbacks.nonfinite.max_skips={self.max_skips}: lower the learning rate or check the data")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        pl_module.log("train/skipped_steps", float(self.skipped))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.skipped = state_dict.get("skipped", 0)
+
+
+class NonFiniteError(UserError):
+    """Training met a non-finite loss or gradient in stop mode."""
+
+
+class PreemptionSignals(Callback):
+    """Treats the given signals (e.g. SLURM's SIGUSR1 warning before a time limit) as SIGTERM.
+
+    Lightning handles SIGTERM itself: it finishes the current batch and raises
+    ``SIGTERMException``; the last-checkpoint callback (``save_on_exception``) then writes
+    ``last.ckpt``, and ``lm-lightning train`` exits 0 with a note on how to resume.
+    """
+
+    def __init__(self, signals: list[str] | None = None) -> None:
+        self.signals = list(signals or ["SIGUSR1"])
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for name in self.signals:
+            signal.signal(getattr(signal, name), lambda *_: os.kill(os.getpid(), signal.SIGTERM))

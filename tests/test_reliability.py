@@ -1,0 +1,211 @@
+"""Fault injection: killed runs, interrupted checkpoint writes, signals, NaN batches, corrupted
+files, bad configs and failing sweep jobs (issue 8)."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_cli, start_cli, step_losses
+
+from lm_lightning.errors import UserError
+from lm_lightning.tracking.records import read_metrics_csv
+from lm_lightning.training import checkpoint_io
+from lm_lightning.training.checkpoint_io import checksum_ok, verify_checkpoint, write_checkpoint_file
+
+TINY = ["experiment=tiny", "trainer.log_every_n_steps=1", "sample.max_new_tokens=0", "trainer.val_check_interval=1000"]
+
+
+def _wait_for(path: Path, proc, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended early:\n{proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def _checkpoint_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def _wandb_ids(run_dir: Path) -> set[str]:
+    return {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+
+
+def test_sigkill_between_checkpoints_then_resume_matches_an_uninterrupted_run(tmp_path):
+    cache, common = tmp_path / "cache", [*TINY, "trainer.max_steps=150", "scheduler.total_steps=150",
+                                         "callbacks.last_checkpoint.every_n_train_steps=30"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_cli("train", *common, f"hydra.run.dir={reference}", cwd=tmp_path, cache=cache)
+
+    proc = start_cli("train", *common, f"hydra.run.dir={killed}", cwd=tmp_path, cache=cache)
+    _wait_for(killed / "checkpoints" / "last.ckpt.sha256", proc)
+    time.sleep(random.uniform(0.05, 0.5))  # somewhere after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = _checkpoint_step(killed / "checkpoints" / "last.ckpt")
+    ids_before = _wandb_ids(killed)
+
+    run_cli("train", *common, f"hydra.run.dir={killed}", "ckpt_path=last", cwd=tmp_path, cache=cache)
+    expected, got = step_losses(reference), step_losses(killed)
+    steps = [s for s in expected if s >= resumed_from]
+    assert len(steps) == 150 - resumed_from and resumed_from < 150
+    assert max(abs(got[s] - expected[s]) for s in steps) <= 1e-5
+    assert ids_before and _wandb_ids(killed) == ids_before, "the resumed run continues the same W&B run id"
+    assert len(list((killed / "wandb").glob("offline-run-*"))) == 2  # two sessions of one run
+
+
+@pytest.mark.parametrize("killed_at", range(1, 6))
+def test_a_kill_at_any_point_of_a_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path, monkeypatch, killed_at):
+    """Kill the write before its n-th file operation (rename or sidecar write): what is on disk
+    then must be either the old or the new checkpoint, complete and passing its check."""
+    path = tmp_path / "last.ckpt"
+    old, new = b"old checkpoint" * 1000, b"new checkpoint" * 1200
+    write_checkpoint_file(old, path)
+
+    class Killed(BaseException):
+        """Stands for SIGKILL: nothing after this point runs."""
+
+    calls = {"n": 0}
+    real_replace = checkpoint_io.os.replace
+
+    def replace_or_die(src, dst):
+        calls["n"] += 1
+        if calls["n"] == killed_at:
+            raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_io.os, "replace", replace_or_die)
+    try:
+        write_checkpoint_file(new, path)
+        finished = True
+    except Killed:
+        finished = False
+    monkeypatch.setattr(checkpoint_io.os, "replace", real_replace)
+    verify_checkpoint(path)
+    assert path.read_bytes() in (old, new)
+    assert finished == (calls["n"] < killed_at)
+
+
+def test_resume_after_an_interrupted_checkpoint_write(tmp_path):
+    """The on-disk state a kill mid-write leaves (a partial .tmp beside the good last.ckpt) resumes."""
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    common = [*TINY, "scheduler.total_steps=40", "callbacks.last_checkpoint.every_n_train_steps=10"]
+    run_cli("train", *common, "trainer.max_steps=20", f"hydra.run.dir={run}", cwd=tmp_path, cache=cache)
+    last = run / "checkpoints" / "last.ckpt"
+    (run / "checkpoints" / "last.ckpt.tmp").write_bytes(last.read_bytes()[:1000])
+    run_cli("train", *common, "trainer.max_steps=40", f"hydra.run.dir={run}", "ckpt_path=last", cwd=tmp_path, cache=cache)
+    assert _checkpoint_step(last) == 40
+
+
+def test_sigterm_checkpoints_and_exits_zero_within_30_seconds(tmp_path):
+    run = tmp_path / "run"
+    proc = start_cli("train", *TINY, "trainer.max_steps=100000", "callbacks.last_checkpoint.every_n_train_steps=20",
+                     f"hydra.run.dir={run}", cwd=tmp_path, cache=tmp_path / "cache")
+    _wait_for(run / "checkpoints" / "last.ckpt.sha256", proc)
+    time.sleep(0.3)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 30
+    assert proc.returncode == 0, err[-3000:]
+    step = _checkpoint_step(run / "checkpoints" / "last.ckpt")
+    assert step % 20 != 0 or step > 20, "last.ckpt was written at the signal, not only at the periodic save"
+    assert checksum_ok(run / "checkpoints" / "last.ckpt")
+    assert f"stopped by signal at step {step}" in out
+    assert json.loads((run / "run.json").read_text())["status"] == "stopped by signal"
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_a_nan_batch_is_skipped_and_counted_or_stops_with_the_state_saved(tmp_path, mode):
+    run = tmp_path / "run"
+    proc = run_cli("train", *TINY, "trainer.max_steps=12", f"callbacks.nonfinite.mode={mode}",
+                   "+callbacks.fault._target_=faults.NaNGradientAt", "+callbacks.fault.step=5", f"hydra.run.dir={run}",
+                   cwd=tmp_path, cache=tmp_path / "cache", check=False)
+    if mode == "skip":
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        record = json.loads((run / "run.json").read_text())
+        assert record["steps"] == 12
+        weights = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        assert all(torch.isfinite(w).all() for w in weights.values())
+        counts = dict(read_metrics_csv(run / "csv/version_0/metrics.csv")["train/skipped_steps"])
+        assert counts[4] == 0 and counts[5] == 1 and counts[11] == 1, "the step-5 update skipped, and counted once"
+    else:
+        assert proc.returncode == 2
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "non-finite loss or gradient at step 5" in errors[0]
+        saved = torch.load(run / "checkpoints" / "nonfinite-step5.ckpt", weights_only=False)
+        assert saved["global_step"] == 5
+        assert all(torch.isfinite(w).all() for w in saved["state_dict"].values())
+
+
+def test_a_checkpoint_with_a_flipped_byte_is_refused_naming_it_and_the_previous_good_one(tmp_path):
+    path = tmp_path / "last.ckpt"
+    write_checkpoint_file(b"first version" * 100, path)
+    write_checkpoint_file(b"second version" * 100, path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"last\.ckpt fails its SHA-256 check.*last\.ckpt\.prev"):
+        verify_checkpoint(path)
+
+
+def test_resuming_from_a_corrupted_checkpoint_is_one_error_line(tmp_path):
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    run_cli("train", *TINY, "trainer.max_steps=10", f"hydra.run.dir={run}", cwd=tmp_path, cache=cache)
+    last = run / "checkpoints" / "last.ckpt"
+    data = bytearray(last.read_bytes())
+    data[100] ^= 0x01
+    last.write_bytes(bytes(data))
+    proc = run_cli("train", *TINY, "trainer.max_steps=20", f"hydra.run.dir={run}", "ckpt_path=last", cwd=tmp_path,
+                   cache=cache, check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(last) in errors[0] and "SHA-256" in errors[0]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_head=3", "model.n_head=3 does not divide model.n_embd=32"),
+        ("model.n_layer=0", "model.n_layer=0 must be a positive integer"),
+        ("data.block_size=64", "data.block_size=64 is above model.block_size=32"),
+        ("+data.corpus.token_dtype=uint16 tokenizer=bpe tokenizer.vocab_size=70000",
+         "tokenizer.vocab_size=70000 does not fit data.corpus.token_dtype=uint16"),
+    ],
+)
+def test_bad_options_are_refused_at_compose_time_naming_the_option(tmp_path, override, message):
+    proc = run_cli("train", *TINY, *override.split(), f"paths.log_dir={tmp_path / 'out'}", cwd=tmp_path,
+                   cache=tmp_path / "cache", check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists(), "refused before any output folder was made"
+
+
+def test_a_failing_sweep_job_does_not_stop_the_others_and_the_sweep_reports_it(tmp_path):
+    proc = run_cli("train", "-m", *TINY, "trainer.max_steps=10", "model.norm=layernorm,bogus,rmsnorm",
+                   f"paths.log_dir={tmp_path / 'out'}", cwd=tmp_path, cache=tmp_path / "cache", check=False)
+    assert proc.returncode == 1
+    assert "sweep summary: 2 of 3 jobs finished, 1 failed" in proc.stdout
+    summary = json.loads(next((tmp_path / "out").rglob("summary.json")).read_text())
+    assert [job["outcome"] for job in summary] == ["ok", "failed", "ok"]
+    assert "model.norm='bogus'" in summary[1]["detail"]
+    assert len(list((tmp_path / "out").rglob("run.json"))) == 2
+
+
+def test_same_seed_gives_identical_losses_in_deterministic_mode(tmp_path):
+    """Needed: the same `seed` and `trainer.deterministic=true` (deterministic kernels); the data
+    order is a function of the seed alone."""
+    runs = []
+    for name in ("a", "b"):
+        run_cli("train", *TINY, "trainer.max_steps=50", "trainer.deterministic=true", "seed=7",
+                f"hydra.run.dir={tmp_path / name}", cwd=tmp_path, cache=tmp_path / "cache")
+        runs.append(step_losses(tmp_path / name))
+    assert len(runs[0]) == 50 and runs[0] == runs[1]

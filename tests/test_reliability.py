@@ -176,7 +176,7 @@ def test_resuming_from_a_corrupted_checkpoint_is_one_error_line(tmp_path):
         ("model.n_head=3", "model.n_head=3 does not divide model.n_embd=32"),
         ("model.n_layer=0", "model.n_layer=0 must be a positive integer"),
         ("data.block_size=64", "data.block_size=64 is above model.block_size=32"),
-        ("+data.corpus.token_dtype=uint16 tokenizer=bpe tokenizer.vocab_size=70000",
+        ("data.corpus.token_dtype=uint16 tokenizer=bpe tokenizer.vocab_size=70000",
          "tokenizer.vocab_size=70000 does not fit data.corpus.token_dtype=uint16"),
     ],
 )
@@ -209,3 +209,32 @@ def test_same_seed_gives_identical_losses_in_deterministic_mode(tmp_path):
                 f"hydra.run.dir={tmp_path / name}", cwd=tmp_path, cache=tmp_path / "cache")
         runs.append(step_losses(tmp_path / name))
     assert len(runs[0]) == 50 and runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit"])
+def test_a_damaged_token_file_is_refused_naming_the_file(tmp_path, damage):
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    run_cli("train", *TINY, "trainer.max_steps=10", f"hydra.run.dir={run}", cwd=tmp_path, cache=cache)
+    train_bin = next(cache.glob("*/train.bin"))
+    data = bytearray(train_bin.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[1000] ^= 0x01
+    train_bin.write_bytes(bytes(data))
+    proc = run_cli("train", *TINY, "trainer.max_steps=10", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path,
+                   cache=cache, check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"token file {train_bin}" in errors[0], proc.stderr[-2000:]
+
+
+def test_a_uint16_store_refuses_a_vocabulary_it_cannot_hold():
+    import numpy as np
+
+    from lm_lightning.data.corpus import _token_dtype
+
+    assert _token_dtype("auto", 65536) is np.uint16 and _token_dtype("auto", 65537) is np.uint32
+    assert _token_dtype("uint32", 100) is np.uint32
+    with pytest.raises(UserError, match="more than data.corpus.token_dtype=uint16 holds"):
+        _token_dtype("uint16", 70_000)

@@ -37,7 +37,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,16 @@ from lm_lightning.errors import UserError
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
+TOKEN_DTYPES = ("auto", "uint16", "uint32")
 SPLITS = ("train", "val", "test")
+
+
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
 
 
 @dataclass
@@ -62,10 +71,27 @@ class PreparedCorpus:
     directory: Path
     tokenizer_path: Path
     metadata: dict
+    _verified: set = field(default_factory=set, repr=False)  # splits whose token file passed its SHA-256
 
     def tokens(self, split: str) -> np.memmap:
-        """All token ids of ``split`` as a read-only 1-D memmap of shape ``(num_tokens,)``."""
-        return np.memmap(self.directory / self._split(split)["file"], dtype=self.metadata["dtype"], mode="r")
+        """All token ids of ``split`` as a read-only 1-D memmap of shape ``(num_tokens,)``.
+
+        The file's size and (once per process) its SHA-256 are checked against the metadata:
+        a truncated or edited token file is refused, naming the file.
+        """
+        info = self._split(split)
+        path = self.directory / info["file"]
+        expected = info["tokens"] * np.dtype(self.metadata["dtype"]).itemsize
+        size = path.stat().st_size if path.exists() else None
+        if size != expected:
+            raise UserError(f"token file {path} has {size} bytes, metadata says {expected}: it is truncated or "
+                            f"replaced; delete {self.directory} (or prepare with force=true) to rebuild it")
+        if split not in self._verified and info.get("sha256_of_bin"):
+            if _file_sha256(path) != info["sha256_of_bin"]:
+                raise UserError(f"token file {path} does not match the SHA-256 in its metadata: it was modified; "
+                                f"delete {self.directory} (or prepare with force=true) to rebuild it")
+            self._verified.add(split)
+        return np.memmap(path, dtype=self.metadata["dtype"], mode="r")
 
     def document_starts(self, split: str) -> np.ndarray:
         """Token offset of each document's first token, shape ``(documents,)``, int64."""
@@ -111,6 +137,11 @@ def prepare_corpus(data_cfg: Mapping, tokenizer_cfg: Mapping, cache_dir: str | P
     tokenizer_key = {k: v for k, v in plain_config(tokenizer_cfg).items() if k != "verbose"}
     fingerprint = {"format_version": FORMAT_VERSION, "source": describe_source(source), "cleaning": plain_config(cleaning),
                    "dedup": dedup, "split": plain_config(split_cfg), "tokenizer": tokenizer_key}
+    token_dtype = data_cfg.get("token_dtype") or "auto"
+    if token_dtype not in TOKEN_DTYPES:
+        raise UserError(f"data.corpus.token_dtype={token_dtype!r} is not known: choose auto, uint16 or uint32")
+    if token_dtype != "auto":  # auto keeps the keys of caches built before the option existed
+        fingerprint["token_dtype"] = token_dtype
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     cache_dir = Path(cache_dir).expanduser()
     entry = cache_dir / f"{data_cfg.get('name', 'corpus')}-{key[:12]}"
@@ -219,7 +250,7 @@ def _build(folder: Path, source: Mapping, cleaning: Mapping, dedup_cfg: Mapping,
     seconds["tokenizer_training"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    dtype = _token_dtype(meta.get("token_dtype", "auto"), tokenizer.vocab_size)
     writers = {s: _SplitWriter(folder, s, dtype) for s in splits}
     batches = batched(assign(), _BATCH_DOCS, _BATCH_CHARS, size=lambda item: len(item[1]))
     with tqdm(total=staged.kept_bytes, desc="tokenizing", unit="B", unit_scale=True) as bar:
@@ -273,6 +304,15 @@ def _publish(build: Path, entry: Path) -> None:
     except OSError:
         if not (entry / "metadata.json").is_file():  # not another process finishing first
             raise
+
+
+def _token_dtype(choice: str, vocab_size: int) -> type:
+    """uint16 when every id fits (vocab ≤ 65,536), else uint32; a forced uint16 that cannot hold the ids fails."""
+    fits = vocab_size <= np.iinfo(np.uint16).max + 1
+    if choice == "uint16" and not fits:
+        raise UserError(f"the tokenizer has {vocab_size:,} pieces, more than data.corpus.token_dtype=uint16 holds "
+                        "(ids up to 65,535): use token_dtype=uint32 or auto")
+    return np.uint32 if choice == "uint32" or not fits else np.uint16
 
 
 def _load(entry: Path) -> PreparedCorpus:

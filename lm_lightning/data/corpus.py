@@ -50,20 +50,13 @@ from lm_lightning.data.report import REPORT_FILE, build_report
 from lm_lightning.data.sources import describe_source, iter_documents, plain_config
 from lm_lightning.data.tokenizer import Tokenizer, train_tokenizer
 from lm_lightning.errors import UserError
+from lm_lightning.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
 SPLITS = ("train", "val", "test")
-
-
-def _file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 @dataclass
@@ -87,7 +80,7 @@ class PreparedCorpus:
             raise UserError(f"token file {path} has {size} bytes, metadata says {expected}: it is truncated or "
                             f"replaced; delete {self.directory} (or prepare with force=true) to rebuild it")
         if split not in self._verified and info.get("sha256_of_bin"):
-            if _file_sha256(path) != info["sha256_of_bin"]:
+            if file_sha256(path) != info["sha256_of_bin"]:
                 raise UserError(f"token file {path} does not match the SHA-256 in its metadata: it was modified; "
                                 f"delete {self.directory} (or prepare with force=true) to rebuild it")
             self._verified.add(split)

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lm_lightning.errors import UserError
+from lm_lightning.hashing import file_sha256
 
 
 def _sidecar(path: Path) -> Path:
@@ -92,11 +93,8 @@ def checksum_ok(path: str | Path) -> bool:
     size = path.stat().st_size if path.exists() else -1
     if not any(d.get("bytes") == size for d in accepted):
         return False
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return any(d.get("sha256") == sha.hexdigest() for d in accepted)
+    digest = file_sha256(path)
+    return any(d.get("sha256") == digest for d in accepted)
 
 
 def verify_checkpoint(path: str | Path) -> None:

@@ -64,7 +64,7 @@ def test_temperature_zero_is_the_argmax_rollout(position):
     assert len(set(expected[0, 5:].tolist())) > 1  # a non-degenerate rollout, so the check has teeth
 
 
-@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope"])
+@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope", "alibi"])
 def test_generation_past_block_size_slides_the_window(position):
     model = tiny(position)
     steps = 2 * BLOCK  # 5 + 32 tokens, more than twice the context

@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 
-from lm_lightning.models.gpt import GPT, GPTConfig, build_gpt
+from lm_lightning.models.gpt import POSITIONS, GPT, GPTConfig, build_gpt
 from lm_lightning.models.layers import Rotary
 
-POSITIONS = ("learned", "sinusoidal", "rope", "none")
 
 
 
@@ -73,7 +72,7 @@ def test_untied_head_adds_V_times_d():
     assert untied.parameter_count().total - tied.parameter_count().total == V * d
 
 
-@pytest.mark.parametrize("position", ["sinusoidal", "rope", "none"])
+@pytest.mark.parametrize("position", [p for p in POSITIONS if p != "learned"])
 def test_only_learned_positions_count_as_embedding_parameters(position):
     V, d = 50, 16
     model = tiny(position=position)
@@ -237,7 +236,7 @@ def test_tied_head_and_embedding_are_one_tensor():
     "overrides,names",
     [
         (dict(n_embd=10, n_head=3), "n_head"),
-        (dict(position="alibi"), "position"),
+        (dict(position="bucketed"), "position"),
         (dict(position="rope", n_embd=18, n_head=2), "rope"),
         (dict(n_layer=0), "n_layer"),
         (dict(vocab_size=-1), "vocab_size"),
@@ -249,3 +248,16 @@ def test_tied_head_and_embedding_are_one_tensor():
 def test_bad_config_raises_value_error_naming_the_option(overrides, names):
     with pytest.raises(ValueError, match=names):
         tiny(**overrides)
+
+
+def test_alibi_slopes_and_bias_follow_the_paper():
+    from lm_lightning.models.layers import alibi_bias, alibi_slopes
+
+    # 8 heads: 1/2, 1/4, ..., 1/256 (Press et al. 2022, section 3)
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    # 6 heads: the 4-head series (1/4, 1/16, 1/64, 1/256) then every other one of the 8-head series (1/2, 1/8)
+    torch.testing.assert_close(alibi_slopes(6), torch.tensor([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]))
+    bias = alibi_bias(torch.tensor([0.5]), query_start=2, n_query=2, n_key=4, causal=True)
+    expected = torch.tensor([[[-1.0, -0.5, 0.0, float("-inf")], [-1.5, -1.0, -0.5, 0.0]]])
+    torch.testing.assert_close(bias, expected)
+

@@ -15,7 +15,7 @@ from lm_lightning.errors import UserError
 from lm_lightning.models.counting import ParameterCount, count_parameters, training_flops_per_token
 from lm_lightning.models.layers import Block, KVCache, Rotary, build_norm, sinusoidal_table
 
-POSITIONS = ("learned", "sinusoidal", "rope", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 
 
 @dataclass
@@ -31,7 +31,7 @@ class GPTConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_position: str = "pre"  # pre | post
     activation: str = "gelu"  # gelu | relu | swiglu
-    position: str = "learned"  # learned | sinusoidal | rope | none
+    position: str = "learned"  # learned | sinusoidal | rope | alibi | none
     rope_base: float = 10000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -62,7 +62,8 @@ class GPT(nn.Module):
         rotary = Rotary(c.n_embd // c.n_head, c.block_size, c.rope_base) if c.position == "rope" else None
         self.drop = nn.Dropout(c.dropout)
         self.h = nn.ModuleList(
-            Block(c.n_embd, c.n_head, c.mlp_ratio, c.activation, c.norm, c.norm_position, c.bias, c.dropout, rotary)
+            Block(c.n_embd, c.n_head, c.mlp_ratio, c.activation, c.norm, c.norm_position, c.bias, c.dropout, rotary,
+                  alibi=c.position == "alibi")
             for _ in range(c.n_layer)
         )
         # post-norm blocks end in a norm already; pre-norm needs one before the head

@@ -84,6 +84,30 @@ class Rotary(nn.Module):
         return rotated.flatten(-2)
 
 
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head slopes of ALiBi (Press et al. 2022): the geometric series 2^(-8/n), 2^(-16/n), ...
+    for a power-of-two head count, interleaved from the next power of two otherwise. Shape (n_head,)."""
+
+    def powers(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_head))
+    slopes = powers(closest) + powers(2 * closest)[0::2][: n_head - closest]
+    return torch.tensor(slopes)
+
+
+def alibi_bias(slopes: torch.Tensor, query_start: int, n_query: int, n_key: int, causal: bool) -> torch.Tensor:
+    """Additive attention bias (n_head, n_query, n_key): −slope·distance to each earlier key, −inf to
+    later keys when causal. Query i sits at position query_start + i, key j at position j."""
+    q = torch.arange(query_start, query_start + n_query, device=slopes.device)[:, None]
+    k = torch.arange(n_key, device=slopes.device)[None, :]
+    bias = -slopes[:, None, None] * (q - k).abs()[None].to(slopes.dtype)
+    if causal:
+        bias = bias.masked_fill((k > q)[None], float("-inf"))
+    return bias
+
+
 @dataclass
 class KVCache:
     """Keys and values of the positions already processed, per layer: (B, n_head, T_max, head_dim)."""
@@ -112,7 +136,9 @@ class SelfAttention(nn.Module):
     cached key plus the causal part of the new block.
     """
 
-    def __init__(self, dim: int, n_head: int, bias: bool, dropout: float, rotary: Rotary | None = None) -> None:
+    def __init__(
+        self, dim: int, n_head: int, bias: bool, dropout: float, rotary: Rotary | None = None, alibi: bool = False
+    ) -> None:
         super().__init__()
         if dim % n_head:
             raise UserError(f"model.n_embd={dim} must be divisible by model.n_head={n_head}")
@@ -123,6 +149,8 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
         self.rotary = rotary
+        # ALiBi: positions enter as a distance penalty on the attention scores, one slope per head
+        self.register_buffer("alibi", alibi_slopes(n_head) if alibi else None, persistent=False)
 
     def forward(self, x: torch.Tensor, causal: bool = True, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -137,6 +165,8 @@ class SelfAttention(nn.Module):
             if causal and T > 1 and start > 0:
                 # new query i sits at position start+i and sees keys 0..start+i
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        if self.alibi is not None:  # the bias carries the causal mask too
+            mask = alibi_bias(self.alibi.to(q.dtype), start, T, k.size(-2), causal)
         is_causal = causal and mask is None and T > 1
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
@@ -159,13 +189,14 @@ class Block(nn.Module):
         bias: bool,
         dropout: float,
         rotary: Rotary | None = None,
+        alibi: bool = False,
     ) -> None:
         super().__init__()
         if norm_position not in ("pre", "post"):
             raise UserError(f"model.norm_position={norm_position!r} is not known: choose pre or post")
         self.pre_norm = norm_position == "pre"
         self.ln_1 = build_norm(norm, dim, bias)
-        self.attn = SelfAttention(dim, n_head, bias, dropout, rotary)
+        self.attn = SelfAttention(dim, n_head, bias, dropout, rotary, alibi)
         self.ln_2 = build_norm(norm, dim, bias)
         self.mlp = FeedForward(dim, int(mlp_ratio * dim), activation, bias, dropout)
 

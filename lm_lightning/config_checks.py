@@ -13,7 +13,7 @@ CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
     "norm_position": ("pre", "post"),
     "activation": ("gelu", "relu", "swiglu"),
-    "position": ("learned", "sinusoidal", "rope", "alibi", "none"),
+    "position": ("learned", "sinusoidal", "rope", "alibi", "t5", "none"),
 }
 
 

@@ -72,7 +72,7 @@ def test_untied_head_adds_V_times_d():
     assert untied.parameter_count().total - tied.parameter_count().total == V * d
 
 
-@pytest.mark.parametrize("position", [p for p in POSITIONS if p != "learned"])
+@pytest.mark.parametrize("position", [p for p in POSITIONS if p not in ("learned", "t5")])
 def test_only_learned_positions_count_as_embedding_parameters(position):
     V, d = 50, 16
     model = tiny(position=position)
@@ -261,3 +261,17 @@ def test_alibi_slopes_and_bias_follow_the_paper():
     expected = torch.tensor([[[-1.0, -0.5, 0.0, float("-inf")], [-1.5, -1.0, -0.5, 0.0]]])
     torch.testing.assert_close(bias, expected)
 
+
+
+def test_t5_relative_bias_buckets_and_parameters():
+    from lm_lightning.models.layers import relative_position_bucket
+
+    distance = torch.arange(-200, 1)  # key - query for a causal model: keys at or before the query
+    buckets = relative_position_bucket(distance, bidirectional=False, num_buckets=32, max_distance=128)
+    assert buckets[-1] == 0 and buckets[-16] == 15  # distances 0..15 have a bucket each
+    assert buckets[-17] == 16 and buckets[0] == 31  # then logarithmic, 128 and beyond share the last
+    assert bool((buckets[:-1] >= buckets[1:]).all())  # farther never maps to a nearer bucket
+    both = relative_position_bucket(torch.tensor([-3, 3]), bidirectional=True, num_buckets=32, max_distance=128)
+    assert both.tolist() == [3, 16 + 3]  # keys after the query use the second half
+    model = tiny(position="t5")
+    assert model.parameter_count().embedding == 50 * 16 + 32 * model.config.n_head  # one learned scalar per bucket and head

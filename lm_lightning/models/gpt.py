@@ -13,9 +13,9 @@ from torch import nn
 
 from lm_lightning.errors import UserError
 from lm_lightning.models.counting import ParameterCount, count_parameters, training_flops_per_token
-from lm_lightning.models.layers import Block, KVCache, Rotary, build_norm, sinusoidal_table
+from lm_lightning.models.layers import Block, KVCache, PositionBias, Rotary, build_norm, sinusoidal_table
 
-POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5", "none")
 
 
 @dataclass
@@ -31,7 +31,9 @@ class GPTConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_position: str = "pre"  # pre | post
     activation: str = "gelu"  # gelu | relu | swiglu
-    position: str = "learned"  # learned | sinusoidal | rope | alibi | none
+    position: str = "learned"  # learned | sinusoidal | rope | alibi | t5 | none
+    relative_buckets: int = 32  # t5: relative-distance buckets
+    relative_max_distance: int = 128  # t5: distances beyond this share the last bucket
     rope_base: float = 10000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -60,10 +62,13 @@ class GPT(nn.Module):
         if c.position == "sinusoidal":
             self.register_buffer("sinusoid", sinusoidal_table(c.block_size, c.n_embd), persistent=False)
         rotary = Rotary(c.n_embd // c.n_head, c.block_size, c.rope_base) if c.position == "rope" else None
+        self.position_bias = (
+            PositionBias(c.position, c.n_head, c.relative_buckets, c.relative_max_distance)
+            if c.position in ("alibi", "t5") else None
+        )
         self.drop = nn.Dropout(c.dropout)
         self.h = nn.ModuleList(
-            Block(c.n_embd, c.n_head, c.mlp_ratio, c.activation, c.norm, c.norm_position, c.bias, c.dropout, rotary,
-                  alibi=c.position == "alibi")
+            Block(c.n_embd, c.n_head, c.mlp_ratio, c.activation, c.norm, c.norm_position, c.bias, c.dropout, rotary)
             for _ in range(c.n_layer)
         )
         # post-norm blocks end in a norm already; pre-norm needs one before the head
@@ -99,8 +104,9 @@ class GPT(nn.Module):
         elif self.config.position == "sinusoidal":
             x = x + self.sinusoid[start : start + T]
         x = self.drop(x)
+        bias = self.position_bias(start, T, start + T, causal=True, dtype=x.dtype) if self.position_bias else None
         for i, block in enumerate(self.h):
-            x = block(x, causal=True, cache=caches[i] if caches else None)
+            x = block(x, causal=True, cache=caches[i] if caches else None, bias=bias)
         return self.lm_head(self.ln_f(x))
 
     def new_caches(self, batch: int, like: torch.Tensor) -> list[KVCache]:
@@ -109,9 +115,9 @@ class GPT(nn.Module):
         return [KVCache.empty(batch, c.n_head, c.block_size, c.n_embd // c.n_head, like) for _ in range(c.n_layer)]
 
     def parameter_count(self) -> ParameterCount:
-        # vocabulary and position tables are "embedding"; an untied output head is a vocabulary
+        # vocabulary and position tables (learned, or T5's bucket biases) are "embedding"; an untied output head is a vocabulary
         # table too, so N (non-embedding) is the same whether or not the head is tied
-        tables = [self.wte, self.lm_head] + ([self.wpe] if self.wpe is not None else [])
+        tables = [self.wte, self.lm_head] + [m for m in (self.wpe, self.position_bias) if m is not None]
         return count_parameters(self, tables)
 
     def flops_per_token(self, context: int | None = None) -> int:

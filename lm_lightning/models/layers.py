@@ -100,12 +100,62 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 def alibi_bias(slopes: torch.Tensor, query_start: int, n_query: int, n_key: int, causal: bool) -> torch.Tensor:
     """Additive attention bias (n_head, n_query, n_key): −slope·distance to each earlier key, −inf to
     later keys when causal. Query i sits at position query_start + i, key j at position j."""
-    q = torch.arange(query_start, query_start + n_query, device=slopes.device)[:, None]
-    k = torch.arange(n_key, device=slopes.device)[None, :]
+    q, k = _positions(query_start, n_query, n_key, slopes.device)
     bias = -slopes[:, None, None] * (q - k).abs()[None].to(slopes.dtype)
-    if causal:
-        bias = bias.masked_fill((k > q)[None], float("-inf"))
-    return bias
+    return _mask_future(bias, q, k, causal)
+
+
+def _positions(query_start: int, n_query: int, n_key: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.arange(query_start, query_start + n_query, device=device)[:, None]
+    return q, torch.arange(n_key, device=device)[None, :]
+
+
+def _mask_future(bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
+    return bias.masked_fill((k > q)[None], float("-inf")) if causal else bias
+
+
+def relative_position_bucket(distance: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's buckets of ``distance = key − query``: exact for small distances, logarithmic up to
+    ``max_distance``, one bucket beyond; keys before and after the query get separate halves when
+    bidirectional (Raffel et al. 2020)."""
+    n = -distance
+    bucket = torch.zeros_like(n)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (n < 0).long() * num_buckets
+        n = n.abs()
+    else:
+        n = n.clamp(min=0)
+    max_exact = num_buckets // 2
+    large = max_exact + (
+        torch.log(n.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    return bucket + torch.where(n < max_exact, n, large.clamp(max=num_buckets - 1))
+
+
+class PositionBias(nn.Module):
+    """Positions as an additive attention bias (n_head, n_query, n_key), computed once per forward
+    and shared by every layer: ``alibi`` (fixed per-head slopes) or ``t5`` (learned per-head
+    scalars over bucketed relative distances). The bias also carries the causal mask."""
+
+    def __init__(self, kind: str, n_head: int, num_buckets: int = 32, max_distance: int = 128,
+                 bidirectional: bool = False) -> None:
+        super().__init__()
+        self.kind, self.num_buckets, self.max_distance, self.bidirectional = kind, num_buckets, max_distance, bidirectional
+        if kind == "alibi":
+            self.register_buffer("slopes", alibi_slopes(n_head), persistent=False)
+        elif kind == "t5":
+            self.relative_attention_bias = nn.Embedding(num_buckets, n_head)
+        else:
+            raise UserError(f"position bias {kind!r} is not known: choose alibi or t5")
+
+    def forward(self, query_start: int, n_query: int, n_key: int, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+        if self.kind == "alibi":
+            return alibi_bias(self.slopes.to(dtype), query_start, n_query, n_key, causal)
+        q, k = _positions(query_start, n_query, n_key, self.relative_attention_bias.weight.device)
+        buckets = relative_position_bucket(k - q, self.bidirectional, self.num_buckets, self.max_distance)
+        bias = self.relative_attention_bias(buckets).permute(2, 0, 1).to(dtype)
+        return _mask_future(bias, q, k, causal)
 
 
 @dataclass
@@ -137,7 +187,7 @@ class SelfAttention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, n_head: int, bias: bool, dropout: float, rotary: Rotary | None = None, alibi: bool = False
+        self, dim: int, n_head: int, bias: bool, dropout: float, rotary: Rotary | None = None
     ) -> None:
         super().__init__()
         if dim % n_head:
@@ -149,10 +199,11 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
         self.rotary = rotary
-        # ALiBi: positions enter as a distance penalty on the attention scores, one slope per head
-        self.register_buffer("alibi", alibi_slopes(n_head) if alibi else None, persistent=False)
 
-    def forward(self, x: torch.Tensor, causal: bool = True, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, causal: bool = True, cache: KVCache | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``bias``: an additive (n_head, T, keys) position bias that already holds the causal mask."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -165,8 +216,8 @@ class SelfAttention(nn.Module):
             if causal and T > 1 and start > 0:
                 # new query i sits at position start+i and sees keys 0..start+i
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        if self.alibi is not None:  # the bias carries the causal mask too
-            mask = alibi_bias(self.alibi.to(q.dtype), start, T, k.size(-2), causal)
+        if bias is not None:
+            mask = bias
         is_causal = causal and mask is None and T > 1
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
@@ -189,20 +240,21 @@ class Block(nn.Module):
         bias: bool,
         dropout: float,
         rotary: Rotary | None = None,
-        alibi: bool = False,
     ) -> None:
         super().__init__()
         if norm_position not in ("pre", "post"):
             raise UserError(f"model.norm_position={norm_position!r} is not known: choose pre or post")
         self.pre_norm = norm_position == "pre"
         self.ln_1 = build_norm(norm, dim, bias)
-        self.attn = SelfAttention(dim, n_head, bias, dropout, rotary, alibi)
+        self.attn = SelfAttention(dim, n_head, bias, dropout, rotary)
         self.ln_2 = build_norm(norm, dim, bias)
         self.mlp = FeedForward(dim, int(mlp_ratio * dim), activation, bias, dropout)
 
-    def forward(self, x: torch.Tensor, causal: bool = True, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, causal: bool = True, cache: KVCache | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.ln_1(x), causal, cache)
+            x = x + self.attn(self.ln_1(x), causal, cache, bias)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, causal, cache))
+        x = self.ln_1(x + self.attn(x, causal, cache, bias))
         return self.ln_2(x + self.mlp(x))

@@ -18,6 +18,7 @@ def generate(cfg: DictConfig) -> list[str]:
         text = generate_text(
             task.model, tokenizer, cfg.prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             top_k=cfg.top_k, top_p=cfg.top_p, use_cache=cfg.use_cache, generator=generator,
+            beam_width=cfg.beam_width, length_penalty=cfg.length_penalty, stop=list(cfg.stop or []),
         )
         samples.append(text)
         print(f"--- sample {i + 1} ---\n{cfg.prompt}{text}", flush=True)

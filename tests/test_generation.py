@@ -207,3 +207,57 @@ def test_generate_text_cuts_at_eos():
     tokenizer = CharTokenizer()
     model = Forced(tiny(), tokenizer.eos_id, bonus=[1e4])
     assert generate_text(model, tokenizer, "abc", max_new_tokens=5, temperature=0.0) == ""
+
+
+# --- beam search ---------------------------------------------------------------------------------
+
+from lm_lightning.generation.sampling import beam_search  # noqa: E402
+
+
+def _sequence_logprob(model, prompt: torch.Tensor, new: list[int]) -> float:
+    full = torch.cat([prompt, torch.tensor([new])], dim=1)
+    logp = model(full[:, :-1]).log_softmax(-1)[0, prompt.size(1) - 1 :]
+    return logp.gather(-1, torch.tensor(new)[:, None]).sum().item()
+
+
+def _beam_model(vocab: int = 5):
+    torch.manual_seed(11)
+    return GPT(GPTConfig(vocab_size=vocab, block_size=16, n_layer=1, n_head=2, n_embd=16, init_std=0.5)).eval()
+
+
+def test_beam_search_with_every_sequence_as_a_beam_finds_the_exact_best_sequence():
+    import itertools
+
+    model, prompt = _beam_model(), torch.tensor([[1, 2]])
+    best = max(itertools.product(range(5), repeat=3), key=lambda seq: _sequence_logprob(model, prompt, list(seq)))
+    found = beam_search(model, prompt, max_new_tokens=3, beam_width=25, length_penalty=0.0)
+    assert found[0, 2:].tolist() == list(best)
+
+
+def test_beam_width_one_is_greedy_and_wider_beams_never_score_lower():
+    model, prompt = _beam_model(), torch.tensor([[3]])
+    greedy = generate(model, prompt, 6, temperature=0)
+    assert torch.equal(beam_search(model, prompt, 6, beam_width=1, length_penalty=0.0), greedy)
+    wide = beam_search(model, prompt, 6, beam_width=4, length_penalty=0.0)
+    assert _sequence_logprob(model, prompt, wide[0, 1:].tolist()) >= _sequence_logprob(model, prompt, greedy[0, 1:].tolist()) - 1e-6
+
+
+def test_beam_search_with_and_without_cache_agree_and_stop_at_eos():
+    model, prompt = _beam_model(), torch.tensor([[0, 4]])
+    assert torch.equal(beam_search(model, prompt, 8, beam_width=3, use_cache=True),
+                       beam_search(model, prompt, 8, beam_width=3, use_cache=False))
+    out = beam_search(model, prompt, 8, beam_width=3, eos_id=2)
+    new = out[0, 2:].tolist()
+    assert 2 not in new[:-1]  # a hypothesis ends at its first eos
+
+
+def test_generate_text_cuts_at_the_first_stop_string_and_runs_beam_search():
+    model, tokenizer = tiny(), CharTokenizer()
+    full = generate_text(model, tokenizer, "the cat", max_new_tokens=12, temperature=0.0, eos_id=-1)
+    assert len(full) == 12
+    stop = full[4:6]
+    cut = generate_text(model, tokenizer, "the cat", max_new_tokens=12, temperature=0.0, eos_id=-1, stop=[stop, "\x00"])
+    assert cut == full[: full.index(stop)]
+    beam = generate_text(model, tokenizer, "the cat", max_new_tokens=12, beam_width=3, eos_id=-1)
+    prompt = torch.tensor([tokenizer.encode("the cat")])
+    assert beam == tokenizer.decode(beam_search(model, prompt, 12, beam_width=3, eos_id=-1)[0, prompt.size(1):].tolist())

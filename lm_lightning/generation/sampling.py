@@ -67,13 +67,96 @@ def generate(
     return idx
 
 
-def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 200, **options) -> str:
-    """Python API: the prompt's continuation as text (the prompt itself not included)."""
+def generate_text(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    beam_width: int = 1,
+    length_penalty: float = 1.0,
+    stop: list[str] | None = None,
+    **options,
+) -> str:
+    """Python API: the prompt's continuation as text (the prompt itself not included).
+
+    ``beam_width > 1`` runs :func:`beam_search`; otherwise ``options`` go to :func:`generate`
+    (temperature, top_k, top_p, use_cache, generator). Text is cut at end-of-sequence and at
+    the first of the ``stop`` strings.
+    """
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [tokenizer.bos_id]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = generate(model, idx, max_new_tokens, eos_id=options.pop("eos_id", tokenizer.eos_id), **options)
+    eos_id = options.pop("eos_id", tokenizer.eos_id)
+    if beam_width > 1:
+        out = beam_search(model, idx, max_new_tokens, beam_width, length_penalty, eos_id, options.get("use_cache", True))
+    else:
+        out = generate(model, idx, max_new_tokens, eos_id=eos_id, **options)
     new = out[0, len(ids) :].tolist()
-    if tokenizer.eos_id in new:
-        new = new[: new.index(tokenizer.eos_id)]
-    return tokenizer.decode(new)
+    if eos_id in new:
+        new = new[: new.index(eos_id)]
+    text = tokenizer.decode(new)
+    cuts = [text.index(s) for s in stop or [] if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+@torch.inference_mode()
+def beam_search(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    beam_width: int = 4,
+    length_penalty: float = 1.0,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """The most likely continuation of one prompt ``idx`` (1, T) under beam search.
+
+    Hypotheses are ranked by summed log-probability / (new tokens)^length_penalty; a beam that
+    emits ``eos_id`` is finished, and the search stops once ``beam_width`` hypotheses have finished
+    (early stop). Returns (1, T + n) with the prompt. With a KV cache each beam keeps its own
+    cache, reordered as beams are chosen.
+    """
+    if idx.size(0) != 1:
+        raise ValueError("beam_search takes one prompt, shape (1, T)")
+    was_training = model.training
+    model.eval()
+    block_size = model.config.block_size
+    beams = idx  # (beams, T + t)
+    scores = torch.zeros(1, device=idx.device)  # summed log-probabilities of the new tokens
+    # one cache row per beam: it starts with the single prompt row and is re-indexed as beams are chosen
+    caches = model.new_caches(1, next(model.parameters())) if use_cache else None
+    pending, finished = idx, []  # (normalised score, tokens)
+    for step in range(1, max_new_tokens + 1):
+        if caches is not None and caches[0].length + pending.size(1) > block_size:
+            caches = None
+        if caches is not None:
+            logits = model(pending, caches)[:, -1]
+        else:
+            logits = model(beams[:, -block_size:])[:, -1]
+        candidates = (scores[:, None] + logits.float().log_softmax(-1)).view(-1)
+        top_scores, top = candidates.topk(min(2 * beam_width, candidates.numel()))
+        vocab = logits.size(-1)
+        keep_beam, keep_token, keep_score = [], [], []
+        for score, flat in zip(top_scores.tolist(), top.tolist()):
+            beam, token = divmod(flat, vocab)
+            if eos_id is not None and token == eos_id:
+                seq = torch.cat([beams[beam], beams.new_tensor([token])])
+                finished.append((score / step**length_penalty, seq))
+            else:
+                keep_beam.append(beam), keep_token.append(token), keep_score.append(score)
+            if len(keep_beam) == beam_width:
+                break
+        if len(finished) >= beam_width or not keep_beam:
+            break  # early stop: enough finished hypotheses
+        order = torch.tensor(keep_beam, device=idx.device)
+        beams = torch.cat([beams[order], torch.tensor(keep_token, device=idx.device)[:, None]], dim=1)
+        scores = torch.tensor(keep_score, device=idx.device)
+        pending = beams[:, -1:]
+        if caches is not None:
+            for c in caches:
+                c.k, c.v = c.k[order], c.v[order]
+    new_tokens = max(beams.size(1) - idx.size(1), 1)
+    finished += [(s / new_tokens**length_penalty, b) for s, b in zip(scores.tolist(), beams)]
+    model.train(was_training)
+    return max(finished, key=lambda pair: pair[0])[1][None]
+

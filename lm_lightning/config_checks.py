@@ -8,13 +8,10 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from lm_lightning.errors import UserError
+from lm_lightning.models.gpt import POSITIONS
+from lm_lightning.models.layers import ACTIVATIONS, NORM_POSITIONS, NORMS
 
-CHOICES = {
-    "norm": ("layernorm", "rmsnorm"),
-    "norm_position": ("pre", "post"),
-    "activation": ("gelu", "relu", "swiglu"),
-    "position": ("learned", "sinusoidal", "rope", "alibi", "t5", "none"),
-}
+CHOICES = {"norm": NORMS, "norm_position": NORM_POSITIONS, "activation": ACTIVATIONS, "position": POSITIONS}
 
 
 def check_train_config(cfg: DictConfig) -> None:

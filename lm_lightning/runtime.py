@@ -204,10 +204,13 @@ def load_trained(ckpt_path: str, device: str = "cpu"):
     """A trained LanguageModelTask and its tokenizer, from one checkpoint file."""
     from lm_lightning.data.tokenizer import Tokenizer
     from lm_lightning.tasks.language_model import LanguageModelTask
+    from lm_lightning.training.checkpoint_io import verify_checkpoint
 
     path = Path(ckpt_path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path} (pass ckpt_path=<an existing .ckpt file>)")
+    if path.is_file():
+        verify_checkpoint(path)  # a checkpoint with a sidecar must match it, as when training resumes
     try:
         from lm_lightning.parallel.checkpoint import as_file  # a sharded (fsdp2) folder is gathered in memory
 
@@ -216,9 +219,10 @@ def load_trained(ckpt_path: str, device: str = "cpu"):
         raise UserError(f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); pass another ckpt_path") from err
     if task.tokenizer_model is None:
         raise UserError(f"checkpoint {path} carries no tokenizer: it was not written by lm-lightning train")
-    with tempfile.NamedTemporaryFile(suffix=".model", delete=False) as f:
+    with tempfile.NamedTemporaryFile(suffix=".model") as f:
         f.write(task.tokenizer_model)
-    tokenizer = Tokenizer.load(f.name)
+        f.flush()
+        tokenizer = Tokenizer.load(f.name)  # read into memory; the file can go
     task.eval()
     return task, tokenizer
 

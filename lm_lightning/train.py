@@ -93,7 +93,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _save_last(trainer, checkpoint_dir / "last.ckpt")
 
     final = {} if stopped_by_signal else _final_validation(trainer, task, datamodule)
-    record = _record(cfg, trainer, task, corpus, final, output_dir, name, group)
+    record = _record(cfg, trainer, task, corpus, tokenizer.vocab_size, final, output_dir, name, group)
     record["status"] = "stopped by signal" if stopped_by_signal else "finished"
     if trainer.is_global_zero:
         record["sample"] = None if stopped_by_signal else _sample(cfg, task, tokenizer)
@@ -119,8 +119,9 @@ def _final_validation(trainer: L.Trainer, task: LanguageModelTask, datamodule: L
     return metrics
 
 
-def _record(cfg, trainer, task, corpus, final, output_dir: Path, name: str, group: str | None) -> dict[str, Any]:
-    params = task.model.parameter_count()
+def _record(cfg, trainer, task, corpus, vocab_size: int, final, output_dir: Path, name: str,
+            group: str | None) -> dict[str, Any]:
+    params, flops_per_token = task.model.parameter_count(), task.model.flops_per_token()
     tokens = trainer.global_step * task.tokens_per_step
     val_tokens = corpus.tokens("val")
     checkpoint_dir = output_dir / "checkpoints"
@@ -134,10 +135,10 @@ def _record(cfg, trainer, task, corpus, final, output_dir: Path, name: str, grou
         "steps": trainer.global_step,
         "parameters": {**params.as_dict(), "position_table": _position_table_size(task.model)},
         "tokens_trained": tokens,
-        "flops_per_token": task.model.flops_per_token(),
-        "training_flops": tokens * task.model.flops_per_token(),
+        "flops_per_token": flops_per_token,
+        "training_flops": tokens * flops_per_token,
         "final": final,
-        "val_unigram_entropy": unigram_entropy(val_tokens, corpus.tokenizer().vocab_size),
+        "val_unigram_entropy": unigram_entropy(val_tokens, vocab_size),
         "checkpoints": {"best": best, "last": str(checkpoint_dir / "last.ckpt")},
         "wandb_dir": str(Path(wandb_dir).parent) if wandb_dir else None,
         "csv_dir": csv_dir,

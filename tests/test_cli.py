@@ -113,3 +113,20 @@ def test_tensorboard_logger_and_module_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lm_lightning.train", "experiment=tiny", "--cfg", "job"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "experiment_name: tiny" in proc.stdout
+
+
+def test_evaluate_and_generate_refuse_a_checkpoint_that_fails_its_checksum(trained_run, tmp_path):
+    import shutil
+
+    from lm_lightning.errors import UserError
+    from lm_lightning.runtime import load_trained
+
+    copy = tmp_path / "last.ckpt"
+    shutil.copy(trained_run / "checkpoints" / "last.ckpt", copy)
+    shutil.copy(trained_run / "checkpoints" / "last.ckpt.sha256", tmp_path / "last.ckpt.sha256")
+    load_trained(str(copy))  # intact: loads
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    copy.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="fails its SHA-256 check"):
+        load_trained(str(copy))

@@ -15,6 +15,10 @@ from torch import nn
 
 from lm_lightning.errors import UserError
 
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+
 
 def build_norm(kind: str, dim: int, bias: bool) -> nn.Module:
     """LayerNorm (optionally without bias, as nanoGPT) or RMSNorm."""
@@ -22,7 +26,7 @@ def build_norm(kind: str, dim: int, bias: bool) -> nn.Module:
         return nn.LayerNorm(dim, bias=bias)
     if kind == "rmsnorm":
         return nn.RMSNorm(dim)
-    raise UserError(f"model.norm={kind!r} is not known: choose layernorm or rmsnorm")
+    raise UserError(f"model.norm={kind!r} is not known: choose {' or '.join(NORMS)}")
 
 
 class FeedForward(nn.Module):
@@ -33,8 +37,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int, activation: str, bias: bool, dropout: float) -> None:
         super().__init__()
-        if activation not in ("gelu", "relu", "swiglu"):
-            raise UserError(f"model.activation={activation!r} is not known: choose gelu, relu or swiglu")
+        if activation not in ACTIVATIONS:
+            raise UserError(f"model.activation={activation!r} is not known: choose {', '.join(ACTIVATIONS)}")
         self.activation = activation
         if activation == "swiglu":
             hidden = int(2 * hidden / 3)
@@ -242,7 +246,7 @@ class Block(nn.Module):
         rotary: Rotary | None = None,
     ) -> None:
         super().__init__()
-        if norm_position not in ("pre", "post"):
+        if norm_position not in NORM_POSITIONS:
             raise UserError(f"model.norm_position={norm_position!r} is not known: choose pre or post")
         self.pre_norm = norm_position == "pre"
         self.ln_1 = build_norm(norm, dim, bias)

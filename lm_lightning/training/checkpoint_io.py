@@ -69,7 +69,7 @@ def write_checkpoint_file(data: bytes, path: str | Path) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    old = [d for d in _accepted(path) if path.exists() and checksum_ok(path)]
+    old = _accepted(path) if path.exists() and checksum_ok(path) else []
     if old:  # keep the current good checkpoint as .prev (a hard link: no copy, no window without a file)
         link = path.with_name(path.name + ".prev.tmp")
         link.unlink(missing_ok=True)

@@ -7,26 +7,30 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from lm_lightning.compat import check_compatible
 from lm_lightning.errors import UserError
 from lm_lightning.models.gpt import POSITIONS
 from lm_lightning.models.layers import ACTIVATIONS, NORM_POSITIONS, NORMS
 
+TRANSFORMERS = ("gpt", "prefix_lm", "bert", "t5", "bart")
 CHOICES = {"norm": NORMS, "norm_position": NORM_POSITIONS, "activation": ACTIVATIONS, "position": POSITIONS}
 
 
 def check_train_config(cfg: DictConfig) -> None:
     """Types and ranges of the main options; raises on the first problem found."""
     model, data, trainer = cfg.model, cfg.data, cfg.trainer
+    check_compatible(model, cfg.objective)
     for key in ("block_size", "n_layer", "n_head", "n_embd"):
-        _positive_int(model, f"model.{key}")
+        if key in model:
+            _positive_int(model, f"model.{key}")
     for key in ("batch_size",):
         _positive_int(data, f"data.{key}")
     _positive_int(trainer, "trainer.accumulate_grad_batches")
-    if model.n_embd % model.n_head:
+    if "n_head" in model and model.n_embd % model.n_head:
         raise UserError(f"model.n_head={model.n_head} does not divide model.n_embd={model.n_embd}: "
                         "choose a head count that divides the width")
-    for key, choices in CHOICES.items():
-        if key in model and model[key] not in choices:
+    for key, choices in CHOICES.items():  # transformer options (recurrent and FFN models check their own)
+        if key in model and model[key] not in choices and model.get("family") in TRANSFORMERS:
             raise UserError(f"model.{key}={model[key]!r} is not known: choose one of {', '.join(choices)}")
     if not 0.0 <= float(model.get("dropout", 0.0)) < 1.0:
         raise UserError(f"model.dropout={model.dropout} must be in [0, 1)")

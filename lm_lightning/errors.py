@@ -7,3 +7,7 @@ class UserError(ValueError):
     The message names the thing and says what to do; the CLI prints it as one line
     (``error: <message>``) and exits with status 2 instead of a traceback.
     """
+
+
+class IncompatiblePair(UserError):
+    """A model family and an objective that cannot train together; in a grid sweep the job is skipped."""

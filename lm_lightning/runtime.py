@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lm_lightning.errors import UserError
-from lm_lightning.tracking.sweep import JobFailure
+from lm_lightning.errors import IncompatiblePair, UserError
+from lm_lightning.tracking.sweep import JobFailure, JobSkipped
 
 log = logging.getLogger("lm_lightning")
 
@@ -65,7 +65,9 @@ def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], C
                 if user_error := _user_error(err):
                     print(f"error: {user_error}", file=sys.stderr, flush=True)
                     if multirun:
-                        return JobFailure(str(user_error))
+                        # a grid over families x objectives skips the pairs that cannot train together
+                        kind = JobSkipped if isinstance(user_error, IncompatiblePair) else JobFailure
+                        return kind(str(user_error))
                     sys.exit(2)
                 if not multirun:
                     raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from lm_lightning.compat import family_of
 from lm_lightning.config_checks import check_train_config
 from lm_lightning.data.corpus import unigram_entropy
 from lm_lightning.data.datamodule import LMDataModule
-from lm_lightning.generation import generate_text
+from lm_lightning.generation import generate_text, is_generative
 from lm_lightning.parallel.setup import build_strategy, check_precision, micro_batch_size, world_size
 from lm_lightning.runtime import (
     hydra_command,
@@ -34,6 +36,7 @@ from lm_lightning.runtime import (
 )
 from lm_lightning.tasks.language_model import LanguageModelTask
 from lm_lightning.tracking.records import plot_loss_curves, write_run_record
+from lm_lightning.tracking.sweep import sweep_row
 from lm_lightning.training.checkpoint_io import AtomicCheckpointIO
 
 log = logging.getLogger("lm_lightning.train")
@@ -58,10 +61,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule: LMDataModule = hydra.utils.instantiate(cfg.data, tokenizer=plain(cfg.tokenizer))
     corpus = datamodule.corpus
     tokenizer = corpus.tokenizer()
-    model_cfg = {**plain(cfg.model), "vocab_size": tokenizer.vocab_size}
+    objective_cfg = objective_config(cfg.objective, tokenizer)
+    objective = hydra.utils.instantiate(objective_cfg)
+    model_cfg = {**plain(cfg.model), "vocab_size": objective.model_vocab_size(tokenizer.vocab_size)}
     task = LanguageModelTask(
         model=model_cfg,
-        objective=plain(cfg.objective),
+        objective=objective_cfg,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler),
         bytes_per_token={split: datamodule.bytes_per_token(split) for split in ("train", "val")},
@@ -85,6 +90,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         plugins=[AtomicCheckpointIO()],
     )
     stopped_by_signal = False
+    started = time.perf_counter()
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
@@ -95,6 +101,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     final = {} if stopped_by_signal else _final_validation(trainer, task, datamodule)
     record = _record(cfg, trainer, task, corpus, tokenizer.vocab_size, final, output_dir, name, group)
     record["status"] = "stopped by signal" if stopped_by_signal else "finished"
+    record["seconds"] = round(time.perf_counter() - started, 1)
     if trainer.is_global_zero:
         record["sample"] = None if stopped_by_signal else _sample(cfg, task, tokenizer)
         _finish_tracking(loggers, record, output_dir)
@@ -131,6 +138,9 @@ def _record(cfg, trainer, task, corpus, vocab_size: int, final, output_dir: Path
     return {
         "run_name": name,
         "group": group,
+        "family": family_of(cfg.model),
+        "objective": task.objective.name,
+        "initial_loss": task.initial_loss,
         "output_dir": str(output_dir),
         "steps": trainer.global_step,
         "parameters": {**params.as_dict(), "position_table": _position_table_size(task.model)},
@@ -152,9 +162,19 @@ def _position_table_size(model) -> int:
     return table.weight.numel() if table is not None else 0
 
 
+def objective_config(objective: DictConfig, tokenizer) -> dict[str, Any]:
+    """The objective's config with what only the tokenizer knows: its vocabulary size and, for
+    BART's sentence permutation when not given, the ids of pieces that end a sentence."""
+    out = {**plain(objective), "vocab_size": tokenizer.vocab_size}
+    if "sentence_end_ids" in out and out["sentence_end_ids"] is None:
+        out["sentence_end_ids"] = tokenizer.ids_ending_with((".", "!", "?"))
+    return out
+
+
 def _sample(cfg: DictConfig, task: LanguageModelTask, tokenizer) -> str | None:
-    if not cfg.sample.max_new_tokens or task.parallelize is not None:
-        return None  # a sharded model's forward needs every rank; sample from the checkpoint instead
+    if not cfg.sample.max_new_tokens or task.parallelize is not None or not is_generative(task.model):
+        # a sharded model's forward needs every rank (sample from the checkpoint instead); encoders do not generate
+        return None
     generator = torch.Generator().manual_seed(cfg.seed)
     return generate_text(
         task.model, tokenizer, cfg.sample.prompt, max_new_tokens=cfg.sample.max_new_tokens,
@@ -179,6 +199,14 @@ def _finish_tracking(loggers: list, record: dict[str, Any], output_dir: Path) ->
             run.finish()  # in a multirun each job's run ends before the next job starts
 
 
+def _bits_per_byte(final: dict[str, float]) -> str:
+    if "val/bpb" in final:
+        return f"bits-per-byte {final['val/bpb']:.4f}"
+    if "val/loss" in final:
+        return "bits-per-byte n/a (the objective's targets are not the text itself)"
+    return "bits-per-byte nan"
+
+
 def _print_summary(record: dict[str, Any]) -> None:
     final, params = record["final"], record["parameters"]
     lines = [
@@ -189,8 +217,9 @@ def _print_summary(record: dict[str, Any]) -> None:
         f"parameters: {params['total']:,} ({params['total'] / 1e6:.2f}M; {params['non_embedding']:,} non-embedding; "
         f"{params['total'] - params['position_table']:,} = {(params['total'] - params['position_table']) / 1e6:.2f}M "
         "without the position table, as nanoGPT counts)",
-        f"final validation: loss {final.get('val/loss', math.nan):.4f} nats/token, "  # nan when stopped early
-        f"perplexity {final.get('val/perplexity', math.nan):.3f}, bits-per-byte {final.get('val/bpb', math.nan):.4f}",
+        f"final validation ({record['objective']}): loss {final.get('val/loss', math.nan):.4f} nats/token, "  # nan when stopped early
+        f"perplexity {final.get('val/perplexity', math.nan):.3f}, " + _bits_per_byte(final),
+        *[f"{name.removeprefix('val/')}: {value:.4f}" for name, value in final.items() if name.endswith("accuracy")],
         f"unigram entropy of the validation tokens: {record['val_unigram_entropy']:.4f} nats/token",
         f"best checkpoint: {record['checkpoints']['best'] or '(none)'}",
         f"last checkpoint: {record['checkpoints']['last']}",
@@ -211,7 +240,7 @@ def _print_summary(record: dict[str, Any]) -> None:
 @hydra_command("train")
 def main(cfg: DictConfig) -> float | None:
     record = train(cfg)
-    return record["final"].get("val/loss")
+    return sweep_row(record)
 
 
 if __name__ == "__main__":

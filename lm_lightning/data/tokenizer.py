@@ -147,5 +147,10 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
+    def ids_ending_with(self, endings: Sequence[str]) -> list[int]:
+        """Ids of the pieces that end with one of ``endings`` (e.g. sentence-final punctuation)."""
+        return [i for i in range(self.vocab_size)
+                if not self._sp.is_control(i) and self._sp.id_to_piece(i).endswith(tuple(endings))]
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size})"

@@ -67,6 +67,23 @@ def generate(
     return idx
 
 
+def is_generative(model: nn.Module) -> bool:
+    """Whether ``model`` writes text: left-to-right models, and those with a ``generation_view``
+    (prefix LMs, encoder-decoders). Encoders and bidirectional RNNs do not."""
+    return hasattr(model, "generation_view") or getattr(model, "causal", True)
+
+
+def decoding_view(model: nn.Module, idx: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """The left-to-right model that continues prompt ``idx`` and its start tokens.
+
+    A decoder-only model continues the prompt itself; a prefix LM reads the prompt as its
+    bidirectional prefix; an encoder-decoder encodes it and starts the decoder from its start token.
+    """
+    if not is_generative(model):
+        raise ValueError(f"{type(model).__name__} is not generative (bidirectional): it cannot write text")
+    return model.generation_view(idx) if hasattr(model, "generation_view") else (model, idx)
+
+
 def generate_text(
     model: nn.Module,
     tokenizer,
@@ -85,15 +102,17 @@ def generate_text(
     """
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [tokenizer.bos_id]
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    view, start = decoding_view(model, torch.tensor([ids], dtype=torch.long, device=device))
     eos_id = options.pop("eos_id", tokenizer.eos_id)
     if beam_width > 1:
-        out = beam_search(model, idx, max_new_tokens, beam_width, length_penalty, eos_id, options.get("use_cache", True))
+        out = beam_search(view, start, max_new_tokens, beam_width, length_penalty, eos_id, options.get("use_cache", True))
     else:
-        out = generate(model, idx, max_new_tokens, eos_id=eos_id, **options)
-    new = out[0, len(ids) :].tolist()
+        out = generate(view, start, max_new_tokens, eos_id=eos_id, **options)
+    new = out[0, start.size(1) :].tolist()
     if eos_id in new:
         new = new[: new.index(eos_id)]
+    # objectives' extra tokens (sentinels, [MASK]) sit above the tokenizer's vocabulary: not text
+    new = [i for i in new if i < getattr(tokenizer, "vocab_size", i + 1)]
     text = tokenizer.decode(new)
     cuts = [text.index(s) for s in stop or [] if s and s in text]
     return text[: min(cuts)] if cuts else text
@@ -154,7 +173,7 @@ def beam_search(
         pending = beams[:, -1:]
         if caches is not None:
             for c in caches:
-                c.k, c.v = c.k[order], c.v[order]
+                c.reorder(order)
     new_tokens = max(beams.size(1) - idx.size(1), 1)
     finished += [(s / new_tokens**length_penalty, b) for s, b in zip(scores.tolist(), beams)]
     model.train(was_training)

@@ -22,18 +22,24 @@ class ParameterCount:
     total: int
     embedding: int
     non_embedding: int
+    active: int  # used per token: total minus the experts a token is not routed to (= total for dense models)
+
+    @property
+    def active_non_embedding(self) -> int:
+        return self.active - self.embedding
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
-def count_parameters(model: nn.Module, embedding_modules: list[nn.Module]) -> ParameterCount:
-    """Counts unique parameters (tied weights once); ``embedding_modules`` are the lookup tables."""
+def count_parameters(model: nn.Module, embedding_modules: list[nn.Module], inactive: int = 0) -> ParameterCount:
+    """Counts unique parameters (tied weights once); ``embedding_modules`` are the lookup tables,
+    ``inactive`` the parameters a token does not use (Mixture-of-Experts)."""
     unique = {id(p): p for p in model.parameters()}
     embedding = {id(p): p for m in embedding_modules for p in m.parameters()}
     total = sum(p.numel() for p in unique.values())
     n_embedding = sum(p.numel() for p in embedding.values())
-    return ParameterCount(total=total, embedding=n_embedding, non_embedding=total - n_embedding)
+    return ParameterCount(total=total, embedding=n_embedding, non_embedding=total - n_embedding, active=total - inactive)
 
 
 def training_flops_per_token(non_embedding: int, head: int, n_layer: int, d_model: int, context: int) -> int:

@@ -13,9 +13,19 @@ from torch import nn
 
 from lm_lightning.errors import UserError
 from lm_lightning.models.counting import ParameterCount, count_parameters, training_flops_per_token
-from lm_lightning.models.layers import Block, KVCache, PositionBias, Rotary, build_norm, sinusoidal_table
+from lm_lightning.models.layers import (
+    Block,
+    KVCache,
+    MoEFeedForward,
+    PositionBias,
+    Rotary,
+    build_norm,
+    prefix_mask,
+    sinusoidal_table,
+)
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5", "none")
+FAMILIES = ("gpt", "prefix_lm")
 
 
 @dataclass
@@ -37,6 +47,10 @@ class GPTConfig:
     rope_base: float = 10000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    n_experts: int = 0  # > 0: Mixture-of-Experts feed-forward in every block
+    moe_top_k: int = 2  # experts per token
+    moe_aux_weight: float = 0.01  # weight of the load-balancing loss (read by the training task)
+    family: str = "gpt"  # gpt (causal) | prefix_lm (bidirectional over a prefix, causal after it)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -46,6 +60,10 @@ class GPTConfig:
             raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.position not in POSITIONS:
             raise UserError(f"model.position={self.position!r}: choose one of {', '.join(POSITIONS)}")
+        if self.family not in FAMILIES:
+            raise UserError(f"model.family={self.family!r}: this builder makes {' or '.join(FAMILIES)}")
+        if self.n_experts < 0:
+            raise UserError(f"model.n_experts={self.n_experts} must be 0 (dense) or more")
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise UserError("model.position=rope needs an even head size (n_embd / n_head)")
 
@@ -68,7 +86,8 @@ class GPT(nn.Module):
         )
         self.drop = nn.Dropout(c.dropout)
         self.h = nn.ModuleList(
-            Block(c.n_embd, c.n_head, c.mlp_ratio, c.activation, c.norm, c.norm_position, c.bias, c.dropout, rotary)
+            Block(c.n_embd, c.n_head, c.mlp_ratio, c.activation, c.norm, c.norm_position, c.bias, c.dropout, rotary,
+                  n_experts=c.n_experts, moe_top_k=c.moe_top_k)
             for _ in range(c.n_layer)
         )
         # post-norm blocks end in a norm already; pre-norm needs one before the head
@@ -92,8 +111,13 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
-    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """idx: (B, T) token ids; caches: one KVCache per layer when decoding incrementally."""
+    causal = True  # logits at t depend on tokens ≤ t only (without a prefix)
+
+    def forward(
+        self, idx: torch.Tensor, caches: list[KVCache] | None = None, prefix_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """idx: (B, T) token ids; caches: one KVCache per layer when decoding incrementally;
+        prefix_lengths (B,): a prefix LM's bidirectional prefix per sequence (tokens after it stay causal)."""
         T = idx.size(1)
         start = caches[0].length if caches else 0
         if start + T > self.config.block_size:
@@ -104,10 +128,17 @@ class GPT(nn.Module):
         elif self.config.position == "sinusoidal":
             x = x + self.sinusoid[start : start + T]
         x = self.drop(x)
-        bias = self.position_bias(start, T, start + T, causal=True, dtype=x.dtype) if self.position_bias else None
+        causal = prefix_lengths is None
+        mask = None if causal else prefix_mask(prefix_lengths, T)
+        bias = self.position_bias(start, T, start + T, causal=causal, dtype=x.dtype) if self.position_bias else None
         for i, block in enumerate(self.h):
-            x = block(x, causal=True, cache=caches[i] if caches else None, bias=bias)
+            x = block(x, causal=causal, cache=caches[i] if caches else None, bias=bias, mask=mask)
         return self.lm_head(self.ln_f(x))
+
+    def generation_view(self, prompt: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+        """The model that continues ``prompt`` (B, P): itself for GPT; for a prefix LM, a view that
+        reads the prompt as the bidirectional prefix, with or without a cache."""
+        return (PrefixLMView(self, prompt.size(1)) if self.config.family == "prefix_lm" else self), prompt
 
     def new_caches(self, batch: int, like: torch.Tensor) -> list[KVCache]:
         """Empty KV caches for ``batch`` sequences up to the full context length."""
@@ -118,13 +149,22 @@ class GPT(nn.Module):
         # vocabulary and position tables (learned, or T5's bucket biases) are "embedding"; an untied output head is a vocabulary
         # table too, so N (non-embedding) is the same whether or not the head is tied
         tables = [self.wte, self.lm_head] + [m for m in (self.wpe, self.position_bias) if m is not None]
-        return count_parameters(self, tables)
+        return count_parameters(self, tables, self.inactive_parameters())
+
+    def inactive_parameters(self) -> int:
+        """Parameters a token does not use: the experts it is not routed to (0 for a dense model)."""
+        return sum((m.n_experts - m.top_k) * m.expert_parameters() for m in self.modules() if isinstance(m, MoEFeedForward))
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Mean load-balancing loss of the MoE layers in the latest forward; None for a dense model."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoEFeedForward)]
+        return torch.stack(losses).mean() if losses else None
 
     def flops_per_token(self, context: int | None = None) -> int:
         """Training FLOPs (forward + backward) per token at the given (default: full) context."""
         c = self.config
         return training_flops_per_token(
-            self.parameter_count().non_embedding, c.n_embd * c.vocab_size, c.n_layer, c.n_embd, context or c.block_size
+            self.parameter_count().active_non_embedding, c.n_embd * c.vocab_size, c.n_layer, c.n_embd, context or c.block_size
         )
 
     @property
@@ -132,7 +172,28 @@ class GPT(nn.Module):
         return self.config.block_size
 
     def describe(self) -> dict:
-        return {"architecture": "gpt", **asdict(self.config), **self.parameter_count().as_dict()}
+        return {"architecture": self.config.family, **asdict(self.config), **self.parameter_count().as_dict()}
+
+
+class PrefixLMView(nn.Module):
+    """A prefix LM continuing a prompt of ``prefix`` tokens: the prompt attends bidirectionally
+    within itself, every later token causally — the same attention with or without a KV cache."""
+
+    def __init__(self, model: GPT, prefix: int) -> None:
+        super().__init__()
+        self.model, self.prefix, self.config = model, prefix, model.config
+
+    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        start = caches[0].length if caches else 0
+        if start >= self.prefix:  # the prefix is in the cache: the new tokens are plain causal
+            return self.model(idx, caches)
+        if start or idx.size(1) > self.config.block_size:
+            raise ValueError("a prefix LM must read its whole prompt in one call, within its context")
+        prefix = torch.full((idx.size(0),), min(self.prefix, idx.size(1)), device=idx.device)
+        return self.model(idx, caches, prefix_lengths=prefix)
+
+    def new_caches(self, batch: int, like: torch.Tensor) -> list[KVCache]:
+        return self.model.new_caches(batch, like)
 
 
 def build_gpt(**kwargs) -> GPT:

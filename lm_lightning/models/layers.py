@@ -182,56 +182,149 @@ class KVCache:
         self.length += T
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
+    def reorder(self, order: torch.Tensor) -> None:
+        """Keeps batch rows ``order`` (beam search re-chooses its beams each step)."""
+        self.k, self.v = self.k[order], self.v[order]
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention through ``scaled_dot_product_attention``.
+
+def combine_masks(bias: torch.Tensor | None, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """One ``attn_mask`` for ``scaled_dot_product_attention`` from an additive position bias
+    (n_head, T, S) and a boolean "may attend" mask broadcastable to (B, n_head, T, S)."""
+    if mask is None:
+        return bias
+    if bias is None:
+        return mask
+    return bias + torch.zeros((), dtype=dtype, device=bias.device).masked_fill(~mask, float("-inf"))
+
+
+def prefix_mask(prefix_lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """Prefix-LM attention (B, 1, T, T): every position sees the whole prefix (its first
+    ``prefix_lengths[b]`` tokens), and positions after the prefix also see themselves and earlier tokens."""
+    positions = torch.arange(T, device=prefix_lengths.device)
+    causal = positions[None, :] <= positions[:, None]  # (T, T): key j ≤ query i
+    in_prefix = positions[None, None, :] < prefix_lengths[:, None, None]  # (B, 1, T): key j inside the prefix
+    return (causal[None] | in_prefix)[:, None]
+
+
+def padding_mask(keep: torch.Tensor) -> torch.Tensor:
+    """Keys that are not padding, as a (B, 1, 1, S) mask from ``keep`` (B, S), True = real token."""
+    return keep[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head attention through ``scaled_dot_product_attention``: self-attention over ``x``, or
+    cross-attention from ``x`` to ``context`` (encoder-decoder).
 
     ``causal=True`` masks future positions. With a KV cache the new queries attend to every
-    cached key plus the causal part of the new block.
+    cached key plus the causal part of the new block. ``mask`` is a boolean "may attend" mask
+    broadcastable to (B, n_head, T, keys) — prefix-LM and padding masks — and ``bias`` an additive
+    (n_head, T, keys) position bias that already holds the causal mask.
     """
 
     def __init__(
-        self, dim: int, n_head: int, bias: bool, dropout: float, rotary: Rotary | None = None
+        self, dim: int, n_head: int, bias: bool, dropout: float, rotary: Rotary | None = None, cross: bool = False
     ) -> None:
         super().__init__()
         if dim % n_head:
             raise UserError(f"model.n_embd={dim} must be divisible by model.n_head={n_head}")
         self.n_head = n_head
         self.head_dim = dim // n_head
-        self.c_attn = nn.Linear(dim, 3 * dim, bias=bias)
+        self.cross = cross
+        if cross:
+            self.c_q = nn.Linear(dim, dim, bias=bias)
+            self.c_kv = nn.Linear(dim, 2 * dim, bias=bias)
+        else:
+            self.c_attn = nn.Linear(dim, 3 * dim, bias=bias)
         self.c_proj = nn.Linear(dim, dim, bias=bias)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
         self.rotary = rotary
 
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+
     def forward(
-        self, x: torch.Tensor, causal: bool = True, cache: KVCache | None = None, bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        causal: bool = True,
+        cache: KVCache | None = None,
+        bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``bias``: an additive (n_head, T, keys) position bias that already holds the causal mask."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        start = cache.length if cache is not None else 0
-        if self.rotary is not None:
-            q, k = self.rotary(q, start), self.rotary(k, start)
-        mask = None
-        if cache is not None:
-            k, v = cache.append(k, v)
-            if causal and T > 1 and start > 0:
+        if self.cross:
+            # keys and values of the encoder output; cached once, as they never change while decoding
+            q = self._heads(self.c_q(x))
+            if cache is not None and cache.length:
+                k, v = cache.k[:, :, : cache.length], cache.v[:, :, : cache.length]
+            else:
+                k, v = (self._heads(t) for t in self.c_kv(context).split(C, dim=2))
+                if cache is not None:
+                    k, v = cache.append(k, v)
+            causal = False
+        else:
+            q, k, v = (self._heads(t) for t in self.c_attn(x).split(C, dim=2))
+            start = cache.length if cache is not None else 0
+            if self.rotary is not None:
+                q, k = self.rotary(q, start), self.rotary(k, start)
+            if cache is not None:
+                k, v = cache.append(k, v)
+            if causal and bias is None and T > 1 and (mask is not None or start > 0):
                 # new query i sits at position start+i and sees keys 0..start+i
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        if bias is not None:
-            mask = bias
-        is_causal = causal and mask is None and T > 1
+                future = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                mask = future if mask is None else mask & future
+                causal = False
+        attn_mask = combine_masks(bias, mask, q.dtype)
+        is_causal = causal and attn_mask is None and T > 1
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
+class MoEFeedForward(nn.Module):
+    """Mixture-of-Experts feed-forward (Shazeer et al. 2017; Fedus et al. 2022): a linear router
+    sends each token to its ``top_k`` experts, whose outputs are mixed by the renormalised router
+    probabilities. ``aux_loss`` holds the latest forward's load-balancing loss
+    n_experts · Σ_e f_e · P_e (f_e: share of routed slots that went to expert e, P_e: mean router
+    probability of e), which is 1 when routing is uniform."""
+
+    def __init__(self, dim: int, hidden: int, activation: str, bias: bool, dropout: float, n_experts: int,
+                 top_k: int) -> None:
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise UserError(f"model.moe_top_k={top_k} must be between 1 and model.n_experts={n_experts}")
+        self.n_experts, self.top_k = n_experts, top_k
+        self.router = nn.Linear(dim, n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(dim, hidden, activation, bias, dropout) for _ in range(n_experts))
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.size(-1))  # (N, C)
+        probs = self.router(tokens).float().softmax(-1)  # (N, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(tokens[rows]) * weights[rows, slot, None])
+        routed = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / self.top_k  # f_e
+        self.aux_loss = self.n_experts * (routed * probs.mean(0)).sum()
+        return out.view_as(x)
+
+    def expert_parameters(self) -> int:
+        """Parameters of one expert (all experts have the same shape)."""
+        return sum(p.numel() for p in self.experts[0].parameters())
+
+
 class Block(nn.Module):
-    """One transformer block: attention and feed-forward, each with a residual, pre- or post-norm."""
+    """One transformer block: self-attention, optional cross-attention to an encoder output, and a
+    feed-forward (dense, or Mixture-of-Experts when ``n_experts`` > 0), each with a residual,
+    pre- or post-norm."""
 
     def __init__(
         self,
@@ -244,21 +337,45 @@ class Block(nn.Module):
         bias: bool,
         dropout: float,
         rotary: Rotary | None = None,
+        cross_attention: bool = False,
+        n_experts: int = 0,
+        moe_top_k: int = 2,
     ) -> None:
         super().__init__()
         if norm_position not in NORM_POSITIONS:
             raise UserError(f"model.norm_position={norm_position!r} is not known: choose pre or post")
         self.pre_norm = norm_position == "pre"
         self.ln_1 = build_norm(norm, dim, bias)
-        self.attn = SelfAttention(dim, n_head, bias, dropout, rotary)
+        self.attn = Attention(dim, n_head, bias, dropout, rotary)
+        if cross_attention:
+            self.ln_x = build_norm(norm, dim, bias)
+            self.cross_attn = Attention(dim, n_head, bias, dropout, cross=True)
+        else:
+            self.cross_attn = None
         self.ln_2 = build_norm(norm, dim, bias)
-        self.mlp = FeedForward(dim, int(mlp_ratio * dim), activation, bias, dropout)
+        hidden = int(mlp_ratio * dim)
+        self.mlp = (MoEFeedForward(dim, hidden, activation, bias, dropout, n_experts, moe_top_k) if n_experts > 0
+                    else FeedForward(dim, hidden, activation, bias, dropout))
 
     def forward(
-        self, x: torch.Tensor, causal: bool = True, cache: KVCache | None = None, bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        causal: bool = True,
+        cache: KVCache | None = None,
+        bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        cross_cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """``context``: the encoder output (B, S, C) that cross-attention reads, ``context_mask`` its
+        (B, 1, 1, S) padding mask; ``cross_cache`` keeps its keys and values while decoding."""
         if self.pre_norm:
-            x = x + self.attn(self.ln_1(x), causal, cache, bias)
+            x = x + self.attn(self.ln_1(x), causal, cache, bias, mask)
+            if self.cross_attn is not None:
+                x = x + self.cross_attn(self.ln_x(x), cache=cross_cache, mask=context_mask, context=context)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, causal, cache, bias))
+        x = self.ln_1(x + self.attn(x, causal, cache, bias, mask))
+        if self.cross_attn is not None:
+            x = self.ln_x(x + self.cross_attn(x, cache=cross_cache, mask=context_mask, context=context))
         return self.ln_2(x + self.mlp(x))

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lm_lightning.tasks.metrics import LanguageModelMetrics
+from lm_lightning.tasks.metrics import LanguageModelMetrics, Ratio
 
 
 class LanguageModelTask(L.LightningModule):
@@ -48,8 +48,16 @@ class LanguageModelTask(L.LightningModule):
         self.tokenizer_model = tokenizer_model
         self.parallelize, self.compile_model = parallelize, compile
         self._configured = False
-        self.train_metrics = LanguageModelMetrics(self.bytes_per_token.get("train"))
-        self.val_metrics = LanguageModelMetrics(self.bytes_per_token.get("val"))
+        # bits-per-byte only where the predicted tokens are the text itself (not masks or sentinels)
+        bpb = self.bytes_per_token if getattr(self.objective, "bits_per_byte", True) else {}
+        self.train_metrics = LanguageModelMetrics(bpb.get("train"))
+        self.val_metrics = LanguageModelMetrics(bpb.get("val"))
+        names = getattr(self.objective, "accuracy_names", ())
+        self.train_accuracy = nn.ModuleDict({name: Ratio() for name in names})
+        self.val_accuracy = nn.ModuleDict({name: Ratio() for name in names})
+        # Mixture-of-Experts: weight of the load-balancing loss added to the objective's
+        self.aux_loss_weight = float(getattr(getattr(self.model, "config", None), "moe_aux_weight", 0.0))
+        self.initial_loss: float | None = None  # loss of the first training step, for "loss fell by" checks
         self.context = getattr(self.model, "context_length", None)
         self._flops_per_token = self.model.flops_per_token(self.context)
         self._batch_tokens = 0
@@ -83,6 +91,12 @@ class LanguageModelTask(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._batch_tokens = batch[:, 1:].numel()
         out = self.objective(self.model, batch)
+        loss = out.loss
+        aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
+        if aux is not None:
+            loss = loss + self.aux_loss_weight * aux
+        if self.initial_loss is None:
+            self.initial_loss = float(out.loss.detach())
         if self._trainer is not None and self.trainer._logger_connector.should_update_logs:
             # only on steps that reach the logger (trainer.log_every_n_steps): each self.log costs
             # about 0.7 ms on CPU, a few percent of a small model's step
@@ -96,7 +110,13 @@ class LanguageModelTask(L.LightningModule):
             tokens_seen = (self.global_step + 1) * tokens_per_step
             self.log("train/tokens_seen", float(tokens_seen))
             self.log("train/flops_so_far", float(tokens_seen * self._flops_per_token))
-        return out.loss
+            if aux is not None:
+                self.log("train/moe_load_balance", aux.detach())
+            for name, (hit, total) in out.accuracies.items():
+                self.train_accuracy[name].update(hit, total)
+                self.log(f"train/{name}", self.train_accuracy[name].compute())
+                self.train_accuracy[name].reset()
+        return loss
 
     @property
     def _distributed(self) -> bool:
@@ -104,12 +124,19 @@ class LanguageModelTask(L.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._batch_tokens = batch[:, 1:].numel()
-        out = self.objective(self.model, batch)
+        # the same masks and spans at every evaluation, so validation losses compare over time
+        generator = torch.Generator(batch.device).manual_seed(1_000_003 * batch_idx + 17)
+        out = self.objective(self.model, batch, generator)
         self.val_metrics.update(out.nll_sum, out.n_tokens)
+        for name, (hit, total) in out.accuracies.items():
+            self.val_accuracy[name].update(hit, total)
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute()
         self.val_metrics.reset()
+        for name, metric in self.val_accuracy.items():
+            metrics[name] = metric.compute()
+            metric.reset()
         if not self.trainer.sanity_checking:
             self.last_val_step = self.global_step
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False)
@@ -129,11 +156,13 @@ class LanguageModelTask(L.LightningModule):
         if self.tokenizer_model is not None:
             checkpoint["tokenizer_model"] = self.tokenizer_model
         # random states, so dropout masks and sampling continue as if the run had never stopped
+        checkpoint["initial_loss"] = self.initial_loss
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                     "python": random.getstate()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokenizer_model = checkpoint.get("tokenizer_model", self.tokenizer_model)
+        self.initial_loss = checkpoint.get("initial_loss", self.initial_loss)
         if states := checkpoint.get("rng_states"):
             torch.set_rng_state(states["torch"])
             np.random.set_state(states["numpy"])

@@ -33,3 +33,21 @@ class LanguageModelMetrics(Metric):
         if self.bytes_per_token:
             out["bpb"] = (loss / (math.log(2) * self.bytes_per_token)).float()
         return out
+
+
+class Ratio(Metric):
+    """hits / total accumulated over steps and devices: an accuracy over masked tokens or sentence pairs."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("hits", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, hits: torch.Tensor, total: torch.Tensor) -> None:
+        self.hits += hits.to(torch.int64)
+        self.total += total.to(torch.int64)
+
+    def compute(self) -> torch.Tensor:
+        return (self.hits / self.total.clamp(min=1)).float()

@@ -1,0 +1,128 @@
+"""Encoder-only transformer (BERT; Devlin et al. 2019): bidirectional attention over the whole window,
+token + position + segment embeddings, a masked-LM head and a [CLS] pooler for sentence-pair tasks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm_lightning.errors import UserError
+from lm_lightning.models.counting import ParameterCount, count_parameters, training_flops_per_token
+from lm_lightning.models.layers import Block, build_norm, padding_mask
+
+
+@dataclass
+class EncoderConfig:
+    vocab_size: int
+    block_size: int = 128  # longest input, tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    bias: bool = True
+    norm: str = "layernorm"
+    norm_position: str = "post"  # post (BERT) | pre
+    activation: str = "gelu"
+    type_vocab_size: int = 2  # segments (sentence A / B)
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    pad_id: int = 0
+    family: str = "bert"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "type_vocab_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.family != "bert":
+            raise UserError(f"model.family={self.family!r}: this builder makes bert")
+
+
+class Encoder(nn.Module):
+    """Token ids (B, T) → per-token vocabulary logits (B, T, V), and with ``return_pooled`` also the
+    next-sentence logits (B, 2) from the [CLS] (first) position. Padding (``pad_id``) is never attended to."""
+
+    causal = False
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.block_size, c.n_embd)
+        self.wse = nn.Embedding(c.type_vocab_size, c.n_embd)
+        # post-norm blocks normalise their inputs nowhere, so BERT normalises the embeddings
+        self.ln_emb = build_norm(c.norm, c.n_embd, c.bias) if c.norm_position == "post" else nn.Identity()
+        self.drop = nn.Dropout(c.dropout)
+        self.h = nn.ModuleList(
+            Block(c.n_embd, c.n_head, c.mlp_ratio, c.activation, c.norm, c.norm_position, c.bias, c.dropout)
+            for _ in range(c.n_layer)
+        )
+        self.ln_f = build_norm(c.norm, c.n_embd, c.bias) if c.norm_position == "pre" else nn.Identity()
+        # masked-LM head: transform, normalise, project to the vocabulary
+        self.mlm_dense = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
+        self.mlm_norm = build_norm(c.norm, c.n_embd, c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        # sentence-pair head on [CLS]
+        self.pooler = nn.Linear(c.n_embd, c.n_embd)
+        self.nsp_head = nn.Linear(c.n_embd, 2)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=c.init_std / math.sqrt(2 * c.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def encode(self, idx: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Contextual states (B, T, C)."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.block_size}")
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        x = x + self.wse(segment_ids if segment_ids is not None else torch.zeros_like(idx))
+        x = self.drop(self.ln_emb(x))
+        mask = padding_mask(idx != self.config.pad_id)
+        for block in self.h:
+            x = block(x, causal=False, mask=mask)
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, segment_ids: torch.Tensor | None = None, return_pooled: bool = False):
+        x = self.encode(idx, segment_ids)
+        logits = self.lm_head(self.mlm_norm(F.gelu(self.mlm_dense(x))))
+        if not return_pooled:
+            return logits
+        return logits, self.nsp_head(torch.tanh(self.pooler(x[:, 0])))
+
+    def parameter_count(self) -> ParameterCount:
+        return count_parameters(self, [self.wte, self.wpe, self.wse, self.lm_head])
+
+    def flops_per_token(self, context: int | None = None) -> int:
+        c = self.config
+        return training_flops_per_token(
+            self.parameter_count().non_embedding, c.n_embd * c.vocab_size, c.n_layer, c.n_embd, context or c.block_size
+        )
+
+    @property
+    def context_length(self) -> int:
+        return self.config.block_size
+
+    def describe(self) -> dict:
+        return {"architecture": "bert", **asdict(self.config), **self.parameter_count().as_dict()}
+
+
+def build_encoder(**kwargs) -> Encoder:
+    """Hydra entry point: ``_target_: lm_lightning.models.encoder.build_encoder`` with EncoderConfig fields."""
+    return Encoder(EncoderConfig(**kwargs))

@@ -28,7 +28,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if len(tokens) <= block + 1:
         raise UserError(f"{path} has {len(tokens)} tokens, fewer than one window of {block + 1}: use a longer file")
     n_bytes = len(text.encode("utf-8"))
-    task.val_metrics = LanguageModelMetrics(bytes_per_token=n_bytes / len(tokens))
+    # bits-per-byte only where the objective predicts the text itself
+    bpt = n_bytes / len(tokens) if getattr(task.objective, "bits_per_byte", True) else None
+    task.val_metrics = LanguageModelMetrics(bytes_per_token=bpt)
     sampler = WindowSampler(len(tokens), block, "sequential", seed=0)
     loader = DataLoader(WindowDataset(tokens, block), batch_size=cfg.batch_size, sampler=sampler)
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, limit_val_batches=cfg.max_batches or 1.0,
@@ -36,7 +38,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.validate(task, dataloaders=loader, verbose=False)[0].items()}
     print(
         f"{path}: {len(tokens):,} tokens, {n_bytes:,} bytes | loss {metrics['val/loss']:.4f} nats/token | "
-        f"perplexity {metrics['val/perplexity']:.3f} | bits-per-byte {metrics['val/bpb']:.4f}",
+        f"perplexity {metrics['val/perplexity']:.3f} | "
+        + (f"bits-per-byte {metrics['val/bpb']:.4f}" if "val/bpb" in metrics else f"objective {task.objective.name}")
+        + "".join(f" | {k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items() if k.endswith("accuracy")),
         flush=True,
     )
     return metrics

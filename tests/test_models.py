@@ -26,8 +26,9 @@ def tiny(**overrides) -> GPT:
 # --- parameter counts -----------------------------------------------------------------------
 
 
-def test_standard_shape_non_embedding_is_12_L_d2_plus_norm_gains():
-    V, T, L, d = 97, 32, 2, 64
+@pytest.mark.parametrize("L, d", [(2, 64), (6, 384), (12, 768)])
+def test_standard_shape_non_embedding_is_12_L_d2_plus_norm_gains(L, d):
+    V, T = 97, 32
     model = tiny(vocab_size=V, block_size=T, n_layer=L, n_head=4, n_embd=d)  # bias=False, tied, learned
     count = model.parameter_count()
     # per block: c_attn 3d² + attn c_proj d² + c_fc 4d² + mlp c_proj 4d² = 12d²;

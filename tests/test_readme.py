@@ -41,6 +41,8 @@ def test_every_lm_lightning_command_in_the_readme_runs(tmp_path):
         proc = run_cli(*args, cwd=workdir, cache=tmp_path / "cache")
         if args[0] == "train" and "--cfg" not in args and "-m" not in args:
             assert "final validation (" in proc.stdout and "W&B run folder:" in proc.stdout, line
+        if "arch_objective_grid" in args:
+            assert "0 failed; 66 incompatible pairs skipped" in proc.stdout and "  family " in proc.stdout
         if args[0] == "evaluate":
             assert "bits-per-byte" in proc.stdout
         if args[0] == "generate":

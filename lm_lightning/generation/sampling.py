@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lm_lightning.errors import UserError
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Masks (B, V) logits outside the top-k and outside the smallest set with probability ≥ top_p."""
@@ -80,7 +82,8 @@ def decoding_view(model: nn.Module, idx: torch.Tensor) -> tuple[nn.Module, torch
     bidirectional prefix; an encoder-decoder encodes it and starts the decoder from its start token.
     """
     if not is_generative(model):
-        raise ValueError(f"{type(model).__name__} is not generative (bidirectional): it cannot write text")
+        raise UserError(f"{type(model).__name__} is not generative (it reads both directions): it cannot write text; "
+                        "generate from a gpt, prefix_lm, t5, bart, recurrent or ffn checkpoint")
     return model.generation_view(idx) if hasattr(model, "generation_view") else (model, idx)
 
 

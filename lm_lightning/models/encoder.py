@@ -12,7 +12,7 @@ from torch import nn
 
 from lm_lightning.errors import UserError
 from lm_lightning.models.counting import ParameterCount, count_parameters, training_flops_per_token
-from lm_lightning.models.layers import Block, build_norm, padding_mask
+from lm_lightning.models.layers import Block, build_norm, moe_aux_loss, moe_inactive_parameters, padding_mask
 
 
 @dataclass
@@ -33,6 +33,9 @@ class EncoderConfig:
     init_std: float = 0.02
     pad_id: int = 0
     family: str = "bert"
+    n_experts: int = 0  # > 0: Mixture-of-Experts feed-forward in every block
+    moe_top_k: int = 2  # experts per token
+    moe_aux_weight: float = 0.01  # weight of the load-balancing loss (read by the training task)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "type_vocab_size"):
@@ -60,7 +63,8 @@ class Encoder(nn.Module):
         self.ln_emb = build_norm(c.norm, c.n_embd, c.bias) if c.norm_position == "post" else nn.Identity()
         self.drop = nn.Dropout(c.dropout)
         self.h = nn.ModuleList(
-            Block(c.n_embd, c.n_head, c.mlp_ratio, c.activation, c.norm, c.norm_position, c.bias, c.dropout)
+            Block(c.n_embd, c.n_head, c.mlp_ratio, c.activation, c.norm, c.norm_position, c.bias, c.dropout,
+                  n_experts=c.n_experts, moe_top_k=c.moe_top_k)
             for _ in range(c.n_layer)
         )
         self.ln_f = build_norm(c.norm, c.n_embd, c.bias) if c.norm_position == "pre" else nn.Identity()
@@ -107,12 +111,15 @@ class Encoder(nn.Module):
         return logits, self.nsp_head(torch.tanh(self.pooler(x[:, 0])))
 
     def parameter_count(self) -> ParameterCount:
-        return count_parameters(self, [self.wte, self.wpe, self.wse, self.lm_head])
+        return count_parameters(self, [self.wte, self.wpe, self.wse, self.lm_head], moe_inactive_parameters(self))
+
+    def aux_loss(self) -> torch.Tensor | None:
+        return moe_aux_loss(self)
 
     def flops_per_token(self, context: int | None = None) -> int:
         c = self.config
         return training_flops_per_token(
-            self.parameter_count().non_embedding, c.n_embd * c.vocab_size, c.n_layer, c.n_embd, context or c.block_size
+            self.parameter_count().active_non_embedding, c.n_embd * c.vocab_size, c.n_layer, c.n_embd, context or c.block_size
         )
 
     @property

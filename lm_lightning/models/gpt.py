@@ -16,10 +16,11 @@ from lm_lightning.models.counting import ParameterCount, count_parameters, train
 from lm_lightning.models.layers import (
     Block,
     KVCache,
-    MoEFeedForward,
     PositionBias,
     Rotary,
     build_norm,
+    moe_aux_loss,
+    moe_inactive_parameters,
     prefix_mask,
     sinusoidal_table,
 )
@@ -149,16 +150,10 @@ class GPT(nn.Module):
         # vocabulary and position tables (learned, or T5's bucket biases) are "embedding"; an untied output head is a vocabulary
         # table too, so N (non-embedding) is the same whether or not the head is tied
         tables = [self.wte, self.lm_head] + [m for m in (self.wpe, self.position_bias) if m is not None]
-        return count_parameters(self, tables, self.inactive_parameters())
-
-    def inactive_parameters(self) -> int:
-        """Parameters a token does not use: the experts it is not routed to (0 for a dense model)."""
-        return sum((m.n_experts - m.top_k) * m.expert_parameters() for m in self.modules() if isinstance(m, MoEFeedForward))
+        return count_parameters(self, tables, moe_inactive_parameters(self))
 
     def aux_loss(self) -> torch.Tensor | None:
-        """Mean load-balancing loss of the MoE layers in the latest forward; None for a dense model."""
-        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoEFeedForward)]
-        return torch.stack(losses).mean() if losses else None
+        return moe_aux_loss(self)
 
     def flops_per_token(self, context: int | None = None) -> int:
         """Training FLOPs (forward + backward) per token at the given (default: full) context."""

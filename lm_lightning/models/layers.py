@@ -321,6 +321,17 @@ class MoEFeedForward(nn.Module):
         return sum(p.numel() for p in self.experts[0].parameters())
 
 
+def moe_inactive_parameters(model: nn.Module) -> int:
+    """Parameters a token does not use: the experts it is not routed to (0 for a dense model)."""
+    return sum((m.n_experts - m.top_k) * m.expert_parameters() for m in model.modules() if isinstance(m, MoEFeedForward))
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Mean load-balancing loss of the MoE layers in the latest forward; None for a dense model."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoEFeedForward)]
+    return torch.stack(losses).mean() if losses else None
+
+
 class Block(nn.Module):
     """One transformer block: self-attention, optional cross-attention to an encoder output, and a
     feed-forward (dense, or Mixture-of-Experts when ``n_experts`` > 0), each with a residual,

@@ -26,8 +26,10 @@ class Seq2SeqObjective(Objective):
     def __call__(self, model: nn.Module, batch: torch.Tensor, generator: torch.Generator | None = None) -> ObjectiveOutput:
         inputs, targets = self.corrupt(batch[:, : batch.size(1) - 3], generator)
         pad = self.special.pad_id
-        # decoder reads the targets shifted right, starting from the pad id (T5's decoder start)
-        decoder_in = torch.cat([targets.new_full((targets.size(0), 1), pad), targets[:, :-1]], dim=1)
+        # the decoder reads the targets shifted right, after the model's start token (T5: pad; BART: <s>)
+        start = getattr(model.config, "decoder_start_id", None)
+        start = pad if start is None else start
+        decoder_in = torch.cat([targets.new_full((targets.size(0), 1), start), targets[:, :-1]], dim=1)
         nll, n_tokens = token_nll(model(inputs, decoder_in), targets.masked_fill(targets == pad, IGNORE))
         return output(nll, n_tokens)
 

@@ -95,8 +95,8 @@ class LanguageModelTask(L.LightningModule):
         aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
         if aux is not None:
             loss = loss + self.aux_loss_weight * aux
-        if self.initial_loss is None:
-            self.initial_loss = float(out.loss.detach())
+        if self.initial_loss is None:  # the reported loss (over the predicted tokens), as validation reports it
+            self.initial_loss = float(out.nll_sum / out.n_tokens.clamp(min=1))
         if self._trainer is not None and self.trainer._logger_connector.should_update_logs:
             # only on steps that reach the logger (trainer.log_every_n_steps): each self.log costs
             # about 0.7 ms on CPU, a few percent of a small model's step

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lm_lightning.models.gpt import GPT, GPTConfig
-from lm_lightning.objectives.causal_lm import CausalLM
 from lm_lightning.tasks.language_model import LanguageModelTask, weight_decay_groups
 
 SHAPES = {

@@ -11,11 +11,13 @@ COMMANDS = {
     "evaluate": ("lm_lightning.evaluate", "loss, perplexity and bits-per-byte of a checkpoint on a text file"),
     "generate": ("lm_lightning.generate", "sample text from a checkpoint (greedy, top-k, top-p, temperature)"),
     "estimate": ("lm_lightning.estimate", "parameters, FLOPs/token and memory per device of a model config (conf/estimate.yaml)"),
+    "scaling fit": ("lm_lightning.scaling.command", "scaling laws fitted from the run records of sweeps (conf/scaling_fit.yaml)"),
+    "scaling plan": ("lm_lightning.scaling.plan", "model shape and steps that spend a compute budget (conf/scaling_plan.yaml)"),
 }
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items())
     return (
         "usage: lm-lightning <command> [key=value ...] [-m] [--help]\n\n"
         f"commands:\n{rows}\n\n"
@@ -29,6 +31,8 @@ def main() -> None:
         print(usage())
         return
     command = sys.argv[1]
+    if command == "scaling" and len(sys.argv) > 2:  # two-word commands: scaling fit, scaling plan
+        command = f"scaling {sys.argv.pop(2)}"
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)

@@ -18,7 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lm_lightning.compat import family_of
 from lm_lightning.config_checks import check_train_config
@@ -34,6 +34,7 @@ from lm_lightning.runtime import (
     run_identity,
     set_threads,
 )
+from lm_lightning.scaling.budget import describe_plan, plan_budget, shape_for_depth
 from lm_lightning.tasks.language_model import LanguageModelTask
 from lm_lightning.tracking.records import plot_loss_curves, write_run_record
 from lm_lightning.tracking.sweep import sweep_row
@@ -63,14 +64,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = corpus.tokenizer()
     objective_cfg = objective_config(cfg.objective, tokenizer)
     objective = hydra.utils.instantiate(objective_cfg)
-    model_cfg = {**plain(cfg.model), "vocab_size": objective.model_vocab_size(tokenizer.vocab_size)}
+    tokens_per_step = cfg.data.batch_size * cfg.model.block_size * cfg.trainer.accumulate_grad_batches * world
+    model_cfg = apply_scaling(cfg, {**plain(cfg.model), "vocab_size": objective.model_vocab_size(tokenizer.vocab_size)},
+                              tokens_per_step)
     task = LanguageModelTask(
         model=model_cfg,
         objective=objective_cfg,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler),
         bytes_per_token={split: datamodule.bytes_per_token(split) for split in ("train", "val")},
-        tokens_per_step=cfg.data.batch_size * cfg.model.block_size * cfg.trainer.accumulate_grad_batches * world,
+        tokens_per_step=tokens_per_step,
         tokenizer_model=Path(corpus.tokenizer_path).read_bytes(),
         parallelize=parallelize,
         compile=cfg.get("compile", False),
@@ -148,6 +151,10 @@ def _record(cfg, trainer, task, corpus, vocab_size: int, final, output_dir: Path
         "flops_per_token": flops_per_token,
         "training_flops": tokens * flops_per_token,
         "final": final,
+        "best": {"val/loss": _best_score(trainer)},
+        "compute": {"N": params.non_embedding, "N_total": params.total, "N_active": params.active, "D": tokens,
+                    "C": tokens * flops_per_token, "C_6ND": 6 * params.non_embedding * tokens,
+                    "C_attention_and_head": tokens * flops_per_token - 6 * params.active_non_embedding * tokens},
         "val_unigram_entropy": unigram_entropy(val_tokens, vocab_size),
         "checkpoints": {"best": best, "last": str(checkpoint_dir / "last.ckpt")},
         "wandb_dir": str(Path(wandb_dir).parent) if wandb_dir else None,
@@ -157,9 +164,33 @@ def _record(cfg, trainer, task, corpus, vocab_size: int, final, output_dir: Path
     }
 
 
+def _best_score(trainer: L.Trainer) -> float | None:
+    scores = [cb.best_model_score for cb in trainer.checkpoint_callbacks if cb.best_model_score is not None]
+    return float(min(scores)) if scores else None
+
+
 def _position_table_size(model) -> int:
     table = getattr(model, "wpe", None)
     return table.weight.numel() if table is not None else 0
+
+
+def apply_scaling(cfg: DictConfig, model_cfg: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
+    """The ``scaling`` options: the width from the depth by the aspect ratio, and the steps (and, with
+    tokens per parameter, the depth) from a compute budget. Updates ``cfg`` so the run record and
+    the tracker show the shape and length actually trained."""
+    scaling = cfg.get("scaling") or {}
+    if scaling.get("compute_budget"):
+        plan = plan_budget(model_cfg, float(scaling.compute_budget), tokens_per_step, scaling.aspect_ratio,
+                           scaling.head_size, scaling.tokens_per_param)
+        shape = {k: getattr(plan, k) for k in ("n_layer", "n_embd", "n_head") if k in model_cfg}
+        cfg.trainer.max_steps = plan.steps
+        log.info("compute budget: %s", describe_plan(plan, float(scaling.compute_budget)))
+    elif scaling.get("aspect_ratio"):
+        shape = shape_for_depth(int(model_cfg["n_layer"]), scaling.aspect_ratio, scaling.head_size)
+    else:
+        return model_cfg
+    cfg.model.update(shape)
+    return {**model_cfg, **shape}
 
 
 def objective_config(objective: DictConfig, tokenizer) -> dict[str, Any]:
@@ -195,7 +226,8 @@ def _finish_tracking(loggers: list, record: dict[str, Any], output_dir: Path) ->
                 logger.log_image("loss_curves", [str(plot)])
             run.summary.update({f"final/{k}": v for k, v in record["final"].items()})
             run.summary.update({"parameters": record["parameters"], "tokens_trained": record["tokens_trained"],
-                                "training_flops": record["training_flops"]})
+                                "training_flops": record["training_flops"], "compute": record["compute"],
+                                "best": record["best"]})
             run.finish()  # in a multirun each job's run ends before the next job starts
 
 

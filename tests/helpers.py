@@ -47,3 +47,26 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     for metrics in sorted(run_dir.glob("csv/version_*/metrics.csv")):
         losses.update(dict(read_metrics_csv(metrics).get("train/loss", [])))
     return losses
+
+
+def offline_wandb_summary(run_dir: Path, key: str):
+    """The last value W&B recorded for summary ``key`` in an offline run's ``run-*.wandb`` file.
+
+    wandb 0.31 writes offline runs only as protobuf records; a summary item is the key (field 1)
+    followed by its JSON value (field 16, tag bytes 0x82 0x01, a varint length, the JSON text).
+    """
+    import json
+
+    data = next(run_dir.glob("wandb/offline-run-*/run-*.wandb")).read_bytes()
+    marker = b"\n" + bytes([len(key)]) + key.encode() + b"\x82\x01"
+    at = data.rfind(marker)
+    if at < 0:
+        raise KeyError(f"{key} not in the W&B summary of {run_dir}")
+    i, length, shift = at + len(marker), 0, 0
+    while True:  # varint
+        byte = data[i]
+        length |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            break
+    return json.loads(data[i : i + length])

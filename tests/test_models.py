@@ -82,7 +82,7 @@ def test_only_learned_positions_count_as_embedding_parameters(position):
 
 
 def test_swiglu_keeps_the_mlp_at_8_d2():
-    d, L = 48, 2  # 2/3 · 4d = 128 exactly
+    d = 48  # 2/3 · 4d = 128 exactly
     gelu = tiny(n_embd=d, n_head=4, activation="gelu")
     swiglu = tiny(n_embd=d, n_head=4, activation="swiglu")
     assert swiglu.h[0].mlp.c_gate.weight.shape == (128, d)

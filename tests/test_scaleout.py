@@ -3,12 +3,10 @@ every strategy and precision option builds the right objects, or fails clearly w
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lm_lightning.data.datamodule import WindowSampler
 from lm_lightning.errors import UserError
 from lm_lightning.parallel import setup
 from lm_lightning.parallel.setup import build_strategy, check_precision, micro_batch_size

@@ -1,0 +1,91 @@
+"""Model shapes from one size knob, and training length from a compute budget (SPEC §8).
+
+A sweep lists depths, not every hyper-parameter: the width follows the depth by a fixed aspect
+ratio (``n_embd = aspect_ratio · n_layer``, rounded to whole heads of ``head_size``), so the
+non-embedding parameters grow as N ≈ 12·n_layer·n_embd² = 12·aspect²·n_layer³. Kaplan et al.
+(2020) found loss nearly flat across aspect ratios 20–200 at fixed N; small CPU models here use
+32 by default.
+
+A compute budget C (training FLOPs, counted as the model reports them: 6·(N + head) + the
+attention term per token) then fixes the number of steps, and, given tokens per parameter
+(Chinchilla's ≈ 20), also the depth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import hydra
+import torch
+
+from lm_lightning.errors import UserError
+
+
+def shape_for_depth(n_layer: int, aspect_ratio: float, head_size: int) -> dict[str, int]:
+    """``n_layer`` blocks of width ``aspect_ratio · n_layer`` rounded to a multiple of ``head_size``."""
+    if n_layer <= 0 or aspect_ratio <= 0 or head_size <= 0:
+        raise UserError("scaling: model.n_layer, scaling.aspect_ratio and scaling.head_size must be positive")
+    n_head = max(1, round(aspect_ratio * n_layer / head_size))
+    return {"n_layer": n_layer, "n_embd": n_head * head_size, "n_head": n_head}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A model shape and training length that spend a compute budget."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    steps: int
+    non_embedding: int  # N
+    flops_per_token: int  # as the model counts it
+    tokens: int  # D = steps · tokens per step
+    flops: int  # C = D · flops_per_token
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def model_figures(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """(non-embedding parameters, training FLOPs per token) of a model config, built without memory."""
+    with torch.device("meta"):
+        model = hydra.utils.instantiate(dict(model_cfg))
+    return model.parameter_count().non_embedding, model.flops_per_token()
+
+
+def plan_budget(model_cfg: Mapping[str, Any], budget: float, tokens_per_step: int, aspect_ratio: float | None = None,
+                head_size: int = 32, tokens_per_param: float | None = None, max_layers: int = 48) -> Plan:
+    """The steps (and, with ``tokens_per_param``, the depth) that spend ``budget`` training FLOPs.
+
+    With ``tokens_per_param`` the depth is the one (1..max_layers, shaped by ``aspect_ratio``) whose
+    D/N = (budget / flops_per_token) / N is closest to it on a log scale; otherwise the config's shape
+    is kept (shaped by ``aspect_ratio`` when given). Steps round to the nearest whole step.
+    """
+    if budget <= 0 or tokens_per_step <= 0:
+        raise UserError(f"scaling.compute_budget={budget} must be positive")
+    if tokens_per_param is not None:
+        if aspect_ratio is None:
+            raise UserError("scaling.tokens_per_param chooses the depth: set scaling.aspect_ratio too")
+        candidates = []
+        for depth in range(1, max_layers + 1):
+            shape = shape_for_depth(depth, aspect_ratio, head_size)
+            n, fpt = model_figures({**model_cfg, **shape})
+            candidates.append((abs(math.log(budget / fpt / n / tokens_per_param)), shape, n, fpt))
+        _, shape, n, fpt = min(candidates, key=lambda c: c[0])
+    else:
+        shape = (shape_for_depth(int(model_cfg["n_layer"]), aspect_ratio, head_size) if aspect_ratio
+                 else {k: int(model_cfg[k]) for k in ("n_layer", "n_embd", "n_head") if k in model_cfg})
+        n, fpt = model_figures({**model_cfg, **shape})
+    steps = max(1, round(budget / (fpt * tokens_per_step)))
+    tokens = steps * tokens_per_step
+    return Plan(n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape.get("n_head", 0), steps=steps, non_embedding=n, flops_per_token=fpt, tokens=tokens, flops=tokens * fpt)
+
+
+def describe_plan(plan: Plan, budget: float) -> str:
+    """One line: the shape, the steps, N, D, D/N and C against the budget."""
+    return (f"n_layer {plan.n_layer}, n_embd {plan.n_embd}, n_head {plan.n_head}: {plan.steps:,} steps, "
+            f"N {plan.non_embedding:,}, D {plan.tokens:,} ({plan.tokens / plan.non_embedding:.1f} tokens/N), "
+            f"C {plan.flops:.4g} FLOPs = {plan.flops / budget:.2%} of the budget {budget:.4g}")

@@ -1,0 +1,164 @@
+"""``lm-lightning scaling fit runs=[<folders>]``: fitted scaling laws from the run records of any sweep.
+
+Reads every finished run under the folders, fits what the runs can support — L(N), L(D), L(C)
+power laws, the parametric L(N, D) of Hoffmann et al. (2022), IsoFLOP minima and the
+compute-optimal frontier — and prints one table, saves it (fits.csv, fits.json) with PNG plots,
+and logs the same to W&B (offline unless logged in).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from lm_lightning.errors import UserError
+from lm_lightning.runtime import hydra_command
+from lm_lightning.scaling import fit as fitting
+from lm_lightning.scaling.collect import RunPoint, collect_runs
+from lm_lightning.tracking.records import write_run_record
+
+log = logging.getLogger("lm_lightning")
+AXES = {"N": "non-embedding parameters N", "D": "tokens trained D", "C": "training FLOPs C"}
+
+
+def scaling_fit(cfg: DictConfig) -> dict[str, Any]:
+    if not cfg.runs:
+        raise UserError("scaling fit needs runs=[<multirun or run folders>] holding run.json records")
+    points = collect_runs(list(cfg.runs), cfg.loss_key)
+    out_dir = Path(cfg.output_dir or Path(cfg.runs[0]) / "scaling_fit")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loss = np.array([p.loss for p in points])
+    rows, plots, results = [], [], {"runs": [p.as_dict() for p in points]}
+
+    for axis in cfg.laws:
+        values = np.array([getattr(p, axis) for p in points], dtype=float)
+        if len(np.unique(values)) < 3:
+            log.info("L(%s): fewer than 3 distinct values of %s, skipped", axis, axis)
+            continue
+        law = fitting.fit_power_law(values, loss, irreducible=cfg.irreducible, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+        results[f"L({axis})"] = law.as_dict()
+        rows.append(_law_row(f"L({axis})", law))
+        plots.append(fitting.plot_power_law(law, values, loss, AXES[axis], out_dir / f"loss_vs_{axis}.png"))
+
+    if cfg.holdout_largest and len({p.N for p in points}) >= 4:
+        results["holdout"] = _holdout_largest(points, cfg)
+        rows.append(results["holdout"]["row"])
+
+    if len({p.N for p in points}) >= 2 and len({p.D for p in points}) >= 2 and len(points) >= 6:
+        ch = fitting.fit_chinchilla(np.array([p.N for p in points], float), np.array([p.D for p in points], float), loss,
+                                    n_bootstrap=cfg.n_bootstrap_chinchilla, seed=cfg.seed)
+        results["L(N,D)"] = ch.as_dict()
+        rows.append({"law": "L(N,D)", "exponent": f"alpha {ch.alpha:.3f} {_ci(ch.alpha_ci)}, beta {ch.beta:.3f} {_ci(ch.beta_ci)}",
+                     "constant": f"E {ch.E:.3f} A {ch.A:.4g} B {ch.B:.4g}", "r2": ch.r2, "loo": None})
+
+    budgets = [p for p in points if p.budget]
+    iso = _isoflop(budgets, cfg) if len({p.budget for p in budgets}) >= 2 else None
+    if iso is not None:
+        results["isoflop"] = iso.as_dict()
+        rows.append({"law": "N_opt ∝ C^a", "exponent": f"a {iso.a:.3f} {_ci(iso.a_ci)}", "constant": "",
+                     "r2": None, "loo": None})
+        rows.append({"law": "D_opt ∝ C^b", "exponent": f"b {iso.b:.3f} {_ci(iso.b_ci)}", "constant": "",
+                     "r2": None, "loo": None})
+        plots.append(fitting.plot_isoflop(iso, [{"C": p.budget, "N": p.N, "loss": p.loss} for p in budgets],
+                                          out_dir / "isoflop.png"))
+        plots.append(fitting.plot_frontier(iso, out_dir / "frontier.png"))
+
+    if not rows:
+        raise UserError(f"scaling fit: the {len(points)} runs found vary too little to fit a law "
+                        "(need at least 3 distinct model sizes, token counts or budgets)")
+    results["plots"] = [str(p) for p in plots]
+    _save(rows, results, out_dir)
+    _print(rows, points, plots, out_dir)
+    if cfg.tracker:
+        _log_to_wandb(cfg, rows, results, plots, out_dir)
+    return results
+
+
+def _isoflop(budgets: list[RunPoint], cfg: DictConfig):
+    """The IsoFLOP fit, or None (with the reason logged) when fewer than two budgets give a usable minimum."""
+    try:
+        return fitting.fit_isoflop([{"C": p.budget, "N": p.N, "D": p.D, "loss": p.loss} for p in budgets],
+                                   n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    except ValueError as err:
+        log.warning("IsoFLOP fit skipped: %s", err)
+        return None
+
+
+def _ci(interval) -> str:
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval is not None else ""
+
+
+def _law_row(name: str, law) -> dict[str, Any]:
+    constant = f"x_c {law.x_c:.4g}" + (f", E {law.E:.3f}" if law.E is not None else "")
+    return {"law": name, "exponent": f"alpha {law.alpha:.4f} {_ci(law.alpha_ci)}", "constant": constant,
+            "r2": law.r2, "loo": law.loo_mean_abs}
+
+
+def _holdout_largest(points: list[RunPoint], cfg: DictConfig) -> dict[str, Any]:
+    """Fits L(N) without the largest model's runs and predicts its final loss."""
+    largest = max(p.N for p in points)
+    train = [p for p in points if p.N != largest]
+    held = [p for p in points if p.N == largest]
+    law = fitting.fit_power_law(np.array([p.N for p in train], float), np.array([p.loss for p in train]),
+                                irreducible=cfg.irreducible, n_bootstrap=0, seed=cfg.seed)
+    actual = float(np.mean([p.loss for p in held]))
+    predicted = float(law.predict(largest))
+    error = (predicted - actual) / actual
+    row = {"law": f"L(N) without N={largest:,}", "exponent": f"alpha {law.alpha:.4f}", "constant": f"x_c {law.x_c:.4g}",
+           "r2": law.r2, "loo": None, "note": f"predicts {predicted:.4f} vs actual {actual:.4f} ({error:+.1%})"}
+    return {"N": largest, "predicted": predicted, "actual": actual, "relative_error": error, "row": row}
+
+
+def _save(rows: list[dict], results: dict, out_dir: Path) -> None:
+    with open(out_dir / "fits.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["law", "exponent", "constant", "r2", "loo", "note"])
+        writer.writeheader()
+        writer.writerows(rows)
+    write_run_record(out_dir / "fits.json", results)
+
+
+def _print(rows: list[dict], points: list[RunPoint], plots: list[Path], out_dir: Path) -> None:
+    def num(value, spec):
+        return format(value, spec) if isinstance(value, float) else "-"
+
+    lines = ["", f"scaling fit over {len(points)} runs "
+             f"(N {min(p.N for p in points):,}..{max(p.N for p in points):,}, D {min(p.D for p in points):,}.."
+             f"{max(p.D for p in points):,})",
+             f"  {'law':<26} {'exponent [95% CI]':<52} {'constant':<28} {'R²':>6} {'LOO':>7}"]
+    for r in rows:
+        lines.append(f"  {r['law']:<26} {r['exponent']:<52} {r['constant']:<28} {num(r['r2'], '.4f'):>6} "
+                     f"{num(r['loo'], '.2%'):>7}" + (f"  {r['note']}" if r.get("note") else ""))
+    lines += ["", f"table: {out_dir / 'fits.csv'} and {out_dir / 'fits.json'}"]
+    lines += [f"plot:  {p}" for p in plots]
+    print("\n".join(lines), flush=True)
+
+
+def _log_to_wandb(cfg: DictConfig, rows: list[dict], results: dict, plots: list[Path], out_dir: Path) -> None:
+    """One W&B run for the fit: the table, every exponent in the summary, the plots as images."""
+    import wandb
+
+    from lm_lightning.tracking.wandb import resolve_mode
+
+    run = wandb.init(project=cfg.tracker.project, group=cfg.tracker.group, name="scaling-fit", job_type="scaling_fit",
+                     dir=str(out_dir), mode=resolve_mode(cfg.tracker.mode), config=OmegaConf.to_container(cfg))
+    table = wandb.Table(columns=["law", "exponent", "constant", "r2", "loo"],
+                        data=[[r["law"], r["exponent"], r["constant"], r["r2"], r["loo"]] for r in rows])
+    run.log({"scaling/fits": table, **{f"scaling/{p.stem}": wandb.Image(str(p)) for p in plots}})
+    run.summary.update({k: v for k, v in json.loads((out_dir / "fits.json").read_text()).items() if k != "runs"})
+    run.finish()
+    print(f"W&B run folder: {Path(run.dir).parent}", flush=True)
+
+
+@hydra_command("scaling_fit")
+def main(cfg: DictConfig) -> None:
+    scaling_fit(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -84,33 +84,45 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     name, group = run_identity(cfg.experiment_name)
     loggers = instantiate_group(cfg.logger)
-    for logger in loggers:
-        logger.log_hyperparams(
-            {"config": plain(cfg), "parameters": params.as_dict(), "corpus": corpus.metadata, "run_name": name}
-        )
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.callbacks), strategy=strategy,
-        plugins=[AtomicCheckpointIO()],
-    )
-    stopped_by_signal = False
-    started = time.perf_counter()
     try:
-        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:
-        # Lightning finished the batch in flight; the last-checkpoint callback saved last.ckpt
-        stopped_by_signal = True
-    _save_last(trainer, checkpoint_dir / "last.ckpt")
+        for logger in loggers:
+            logger.log_hyperparams(
+                {"config": plain(cfg), "parameters": params.as_dict(), "corpus": corpus.metadata, "run_name": name}
+            )
+        trainer: L.Trainer = hydra.utils.instantiate(
+            cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.callbacks), strategy=strategy,
+            plugins=[AtomicCheckpointIO()],
+        )
+        stopped_by_signal = False
+        started = time.perf_counter()
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            # Lightning finished the batch in flight; the last-checkpoint callback saved last.ckpt
+            stopped_by_signal = True
+        _save_last(trainer, checkpoint_dir / "last.ckpt")
 
-    final = {} if stopped_by_signal else _final_validation(trainer, task, datamodule)
-    record = _record(cfg, trainer, task, corpus, tokenizer.vocab_size, final, output_dir, name, group)
-    record["status"] = "stopped by signal" if stopped_by_signal else "finished"
-    record["seconds"] = round(time.perf_counter() - started, 1)
-    if trainer.is_global_zero:
-        record["sample"] = None if stopped_by_signal else _sample(cfg, task, tokenizer)
-        _finish_tracking(loggers, record, output_dir)
-        write_run_record(output_dir / "run.json", record)
-        _print_summary(record)
-    return record
+        final = {} if stopped_by_signal else _final_validation(trainer, task, datamodule)
+        record = _record(cfg, trainer, task, corpus, tokenizer.vocab_size, final, output_dir, name, group)
+        record["status"] = "stopped by signal" if stopped_by_signal else "finished"
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        if trainer.is_global_zero:
+            record["sample"] = None if stopped_by_signal else _sample(cfg, task, tokenizer)
+            _finish_tracking(loggers, record, output_dir)
+            write_run_record(output_dir / "run.json", record)
+            _print_summary(record)
+        return record
+    except BaseException:
+        _abort_tracking(loggers)  # a failed job must not leave its W&B run open for the next job of a sweep
+        raise
+
+
+def _abort_tracking(loggers: list) -> None:
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.finish(exit_code=1)
 
 
 def _save_last(trainer: L.Trainer, path: Path) -> None:

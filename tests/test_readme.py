@@ -50,5 +50,7 @@ def test_every_lm_lightning_command_in_the_readme_runs(tmp_path):
             assert "0 failed; 66 incompatible pairs skipped" in proc.stdout and "  family " in proc.stdout
         if args[0] == "evaluate":
             assert "bits-per-byte" in proc.stdout
+        if args[0] == "score":
+            assert "zero-shot accuracy" in proc.stdout and "majority-class baseline" in proc.stdout
         if args[0] == "generate":
             assert proc.stdout.count("--- sample") == 2

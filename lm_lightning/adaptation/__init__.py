@@ -1,0 +1,1 @@
+"""Using a pre-trained model for tasks: zero-shot scoring of candidate answers."""

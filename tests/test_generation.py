@@ -242,6 +242,16 @@ def test_beam_width_one_is_greedy_and_wider_beams_never_score_lower():
     assert _sequence_logprob(model, prompt, wide[0, 1:].tolist()) >= _sequence_logprob(model, prompt, greedy[0, 1:].tolist()) - 1e-6
 
 
+def test_returned_beams_are_sorted_and_scored_by_their_log_probability():
+    model, prompt = _beam_model(), torch.tensor([[3]])
+    beams = beam_search(model, prompt, 5, beam_width=4, length_penalty=0.0, return_all=True)
+    scores = [score for score, _ in beams]
+    assert len(beams) >= 4 and scores == sorted(scores, reverse=True)
+    for score, seq in beams:
+        assert score == pytest.approx(_sequence_logprob(model, prompt, seq[0, 1:].tolist()), abs=1e-4)
+    assert torch.equal(beams[0][1], beam_search(model, prompt, 5, beam_width=4, length_penalty=0.0))
+
+
 def test_beam_search_with_and_without_cache_agree_and_stop_at_eos():
     model, prompt = _beam_model(), torch.tensor([[0, 4]])
     assert torch.equal(beam_search(model, prompt, 8, beam_width=3, use_cache=True),

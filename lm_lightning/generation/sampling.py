@@ -130,12 +130,14 @@ def beam_search(
     length_penalty: float = 1.0,
     eos_id: int | None = None,
     use_cache: bool = True,
-) -> torch.Tensor:
+    return_all: bool = False,
+) -> torch.Tensor | list[tuple[float, torch.Tensor]]:
     """The most likely continuation of one prompt ``idx`` (1, T) under beam search.
 
     Hypotheses are ranked by summed log-probability / (new tokens)^length_penalty; a beam that
     emits ``eos_id`` is finished, and the search stops once ``beam_width`` hypotheses have finished
-    (early stop). Returns (1, T + n) with the prompt. With a KV cache each beam keeps its own
+    (early stop). Returns (1, T + n) with the prompt; with ``return_all`` every finished and live
+    hypothesis as (score, tokens), best first. With a KV cache each beam keeps its own
     cache, reordered as beams are chosen.
     """
     if idx.size(0) != 1:
@@ -180,5 +182,8 @@ def beam_search(
     new_tokens = max(beams.size(1) - idx.size(1), 1)
     finished += [(s / new_tokens**length_penalty, b) for s, b in zip(scores.tolist(), beams)]
     model.train(was_training)
-    return max(finished, key=lambda pair: pair[0])[1][None]
+    ranked = sorted(finished, key=lambda pair: pair[0], reverse=True)
+    if return_all:  # every hypothesis, best first, as (normalised score, (1, T + n) tokens)
+        return [(score, seq[None]) for score, seq in ranked]
+    return ranked[0][1][None]
 

@@ -10,6 +10,7 @@ COMMANDS = {
     "prepare": ("lm_lightning.prepare", "clean, split and tokenize a corpus into the cache (conf/prepare.yaml)"),
     "evaluate": ("lm_lightning.evaluate", "loss, perplexity and bits-per-byte of a checkpoint on a text file"),
     "generate": ("lm_lightning.generate", "sample text from a checkpoint (greedy, top-k, top-p, temperature)"),
+    "finetune": ("lm_lightning.finetune", "a classification head on a checkpoint, fine-tuned on a labelled TSV (SST-2 by default)"),
     "score": ("lm_lightning.score", "zero-shot classification accuracy of a checkpoint (default: SST-2 dev) beside the majority class"),
     "estimate": ("lm_lightning.estimate", "parameters, FLOPs/token and memory per device of a model config (conf/estimate.yaml)"),
     "scaling fit": ("lm_lightning.scaling.command", "scaling laws fitted from the run records of sweeps (conf/scaling_fit.yaml)"),

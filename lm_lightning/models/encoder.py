@@ -103,6 +103,10 @@ class Encoder(nn.Module):
             x = block(x, causal=False, mask=mask)
         return self.ln_f(x)
 
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd) (task heads read them)."""
+        return self.encode(idx)
+
     def forward(self, idx: torch.Tensor, segment_ids: torch.Tensor | None = None, return_pooled: bool = False):
         x = self.encode(idx, segment_ids)
         logits = self.lm_head(self.mlm_norm(F.gelu(self.mlm_dense(x))))

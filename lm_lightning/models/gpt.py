@@ -119,6 +119,12 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """idx: (B, T) token ids; caches: one KVCache per layer when decoding incrementally;
         prefix_lengths (B,): a prefix LM's bidirectional prefix per sequence (tokens after it stay causal)."""
+        return self.lm_head(self.features(idx, caches, prefix_lengths))
+
+    def features(
+        self, idx: torch.Tensor, caches: list[KVCache] | None = None, prefix_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd) that the head reads (task heads read them too)."""
         T = idx.size(1)
         start = caches[0].length if caches else 0
         if start + T > self.config.block_size:
@@ -134,7 +140,7 @@ class GPT(nn.Module):
         bias = self.position_bias(start, T, start + T, causal=causal, dtype=x.dtype) if self.position_bias else None
         for i, block in enumerate(self.h):
             x = block(x, causal=causal, cache=caches[i] if caches else None, bias=bias, mask=mask)
-        return self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
 
     def generation_view(self, prompt: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
         """The model that continues ``prompt`` (B, P): itself for GPT; for a prefix LM, a view that

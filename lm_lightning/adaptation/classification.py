@@ -1,0 +1,126 @@
+"""Sequence classification on a pre-trained backbone: a pooled representation and a linear head.
+
+A left-to-right backbone (GPT, prefix LM) is pooled at the last real token (it has read the whole
+sequence there); a bidirectional one (BERT) by the mean over real tokens. Sequences end with the
+end-of-sequence token, so the last-token pool always reads the same kind of position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+
+from lm_lightning.errors import UserError
+from lm_lightning.tasks.language_model import weight_decay_groups
+
+
+class SequenceClassifier(nn.Module):
+    """Token ids (B, T) with lengths (B,) → class logits (B, n_classes)."""
+
+    def __init__(self, backbone: nn.Module, n_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        if not hasattr(backbone, "features"):
+            family = getattr(getattr(backbone, "config", None), "family", type(backbone).__name__)
+            raise UserError(f"a {family} checkpoint cannot take a classification head: use a gpt, prefix_lm or "
+                            "bert checkpoint (models with a features() method)")
+        self.backbone = backbone
+        self.pool_last = getattr(backbone, "causal", True)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.config.n_embd, n_classes)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone.features(ids)  # (B, T, C); right padding is invisible to real causal positions
+        if self.pool_last:
+            pooled = hidden[torch.arange(ids.size(0), device=ids.device), lengths - 1]
+        else:
+            real = (torch.arange(ids.size(1), device=ids.device)[None] < lengths[:, None]).to(hidden.dtype)
+            pooled = (hidden * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+        return self.head(self.dropout(pooled))
+
+
+class ClassificationTask(L.LightningModule):
+    """Fine-tunes a classifier with cross-entropy; reports accuracy (torchmetrics)."""
+
+    def __init__(self, model: Mapping, n_classes: int, dropout: float = 0.1, lr: float = 3e-4,
+                 weight_decay: float = 0.01, warmup_steps: int = 100, total_steps: int = 1000,
+                 backbone_state: Mapping[str, torch.Tensor] | None = None,
+                 prepare: Callable[[nn.Module], Any] | None = None) -> None:
+        """``backbone_state``: pre-trained weights (None trains from scratch); ``prepare(classifier)``
+        runs after loading them, e.g. to add LoRA and freeze the backbone."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone_state", "prepare"])
+        backbone = hydra.utils.instantiate(dict(model))
+        if backbone_state is not None:
+            backbone.load_state_dict(backbone_state)
+        self.classifier = SequenceClassifier(backbone, n_classes, dropout)
+        if prepare is not None:
+            prepare(self.classifier)
+        self.train_accuracy = MulticlassAccuracy(n_classes, average="micro")
+        self.val_accuracy = MulticlassAccuracy(n_classes, average="micro")
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.classifier(ids, lengths)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["ids"], batch["lengths"])
+        loss = F.cross_entropy(logits, batch["labels"])
+        self.train_accuracy(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", self.train_accuracy)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch["ids"], batch["lengths"])
+        self.log("val/loss", F.cross_entropy(logits, batch["labels"]), prog_bar=True)
+        self.val_accuracy(logits, batch["labels"])
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True)
+
+    def configure_optimizers(self) -> Any:
+        params = weight_decay_groups(self.classifier, self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, betas=(0.9, 0.98))
+        warmup, total = self.hparams.warmup_steps, max(self.hparams.total_steps, self.hparams.warmup_steps + 1)
+
+        def factor(step: int) -> float:  # linear warmup, then linear decay to zero
+            return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class TextClassificationData(L.LightningDataModule):
+    """Tokenized, length-capped labelled texts as right-padded batches {ids, lengths, labels}."""
+
+    def __init__(self, train: tuple[list[list[int]], list[int]], val: tuple[list[list[int]], list[int]],
+                 batch_size: int, pad_id: int, seed: int = 0) -> None:
+        super().__init__()
+        self.train, self.val, self.batch_size, self.pad_id, self.seed = train, val, batch_size, pad_id, seed
+
+    def _collate(self, rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        lengths = torch.tensor([len(ids) for ids, _ in rows])
+        ids = torch.full((len(rows), int(lengths.max())), self.pad_id, dtype=torch.long)
+        for i, (seq, _) in enumerate(rows):
+            ids[i, : len(seq)] = torch.tensor(seq)
+        return {"ids": ids, "lengths": lengths, "labels": torch.tensor([label for _, label in rows])}
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(list(zip(*self.train)), batch_size=self.batch_size, shuffle=True, generator=generator,
+                          collate_fn=self._collate, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(list(zip(*self.val)), batch_size=64, collate_fn=self._collate)
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text, cut to ``max_length − 1`` tokens, then end-of-sequence."""
+    return [ids[: max_length - 1] + [tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]

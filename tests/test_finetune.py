@@ -1,0 +1,70 @@
+"""Classification fine-tuning: pooling ignores padding, the command trains a head on SST-2 and reports
+dev accuracy beside the majority class, and an architecture without features is refused clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import run_cli
+from lm_lightning.adaptation.classification import SequenceClassifier
+from lm_lightning.errors import UserError
+from test_zoo import build
+
+V = 40
+
+
+@pytest.mark.parametrize("name", ["gpt", "prefix_lm", "bert"])
+def test_the_pooled_class_logits_do_not_depend_on_padding(name):
+    classifier = SequenceClassifier(build(name, V + 106), n_classes=3).eval()
+    ids = torch.randint(4, V, (2, 7))
+    padded = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    lengths = torch.tensor([7, 7])
+    torch.testing.assert_close(classifier(padded, lengths), classifier(ids, lengths), atol=1e-5, rtol=0)
+    if name == "bert":
+        return  # bidirectional: every real token informs every position, so there is no shorter prefix to compare
+    shorter = classifier(ids, torch.tensor([4, 7]))  # causal: the first row pools its 4th token, which saw 4 tokens
+    torch.testing.assert_close(shorter[0], classifier(ids[:1, :4], torch.tensor([4]))[0], atol=1e-5, rtol=0)
+
+
+def test_a_model_without_features_cannot_take_a_classification_head():
+    with pytest.raises(UserError, match="cannot take a classification head"):
+        SequenceClassifier(build("t5", V + 106), n_classes=2)
+
+
+def test_finetune_command_trains_a_head_and_reports_dev_accuracy(tmp_path):
+    run_dir = tmp_path / "pre"
+    run_cli("train", "experiment=tiny", "trainer.max_steps=5", "scheduler.warmup_steps=1", "logger=csv",
+            f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=tmp_path / "cache")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ft_dir = tmp_path / "ft"
+    proc = run_cli("finetune", f"ckpt_path={ckpt}", "max_train_examples=256", "trainer.max_steps=12",
+                   "trainer.val_check_interval=12", "warmup_steps=2", "logger=csv", f"hydra.run.dir={ft_dir}",
+                   cwd=tmp_path, cache=tmp_path / "cache")
+    assert "dev accuracy" in proc.stdout and "majority class 0.5092" in proc.stdout
+    record = json.loads((ft_dir / "run.json").read_text())
+    assert record["steps"] == 12 and 0.0 <= record["final"]["val/accuracy"] <= 1.0
+    assert record["parameters"]["trainable"] == record["parameters"]["total"]
+    assert (ft_dir / "checkpoints" / "finetuned.ckpt").stat().st_size > 0
+    for method in ("lora", "adapter", "prompt"):
+        out = tmp_path / method
+        run_cli("finetune", f"ckpt_path={ckpt}", "max_train_examples=128", "trainer.max_steps=4",
+                "trainer.val_check_interval=4", "warmup_steps=1", "logger=csv", f"peft.method={method}",
+                "peft.lora_targets=[c_attn,attn.c_proj,c_fc]", f"hydra.run.dir={out}", cwd=tmp_path, cache=tmp_path / "cache")
+        params = json.loads((out / "run.json").read_text())["parameters"]
+        assert params["trainable"] < 0.2 * params["total"], method  # the tiny model: head + method's parameters only
+    adapter, full = tmp_path / "lora" / "checkpoints" / "lora_adapter.pt", tmp_path / "lora" / "checkpoints" / "finetuned.ckpt"
+    assert adapter.stat().st_size < 0.5 * full.stat().st_size
+    no_layer = run_cli("finetune", f"ckpt_path={ckpt}", "peft.method=lora", "peft.lora_targets=[q_proj]", "logger=csv",
+                       f"hydra.run.dir={tmp_path / 'nolayer'}", cwd=tmp_path, cache=tmp_path / "cache", check=False)
+    assert no_layer.returncode == 2 and "q_proj" in no_layer.stderr.strip().splitlines()[-1]
+    t5_dir = tmp_path / "t5"
+    run_cli("train", "experiment=t5", "trainer.max_steps=2", "scheduler.warmup_steps=1", "logger=csv",
+            "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "sample.max_new_tokens=0",
+            f"hydra.run.dir={t5_dir}", cwd=tmp_path, cache=tmp_path / "cache")
+    bad = run_cli("finetune", f"ckpt_path={t5_dir / 'checkpoints' / 'last.ckpt'}", "max_train_examples=64",
+                  "logger=csv", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path, cache=tmp_path / "cache", check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: a t5 checkpoint cannot take a classification head")

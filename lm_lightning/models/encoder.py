@@ -3,7 +3,6 @@ token + position + segment embeddings, a masked-LM head and a [CLS] pooler for s
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -12,7 +11,15 @@ from torch import nn
 
 from lm_lightning.errors import UserError
 from lm_lightning.models.counting import ParameterCount, count_parameters, training_flops_per_token
-from lm_lightning.models.layers import Block, build_norm, moe_aux_loss, moe_inactive_parameters, padding_mask
+from lm_lightning.models.layers import (
+    Block,
+    build_norm,
+    init_normal,
+    moe_aux_loss,
+    moe_inactive_parameters,
+    padding_mask,
+    scale_residual_projections,
+)
 
 
 @dataclass
@@ -77,18 +84,9 @@ class Encoder(nn.Module):
         self.nsp_head = nn.Linear(c.n_embd, 2)
         if c.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=c.init_std / math.sqrt(2 * c.n_layer))
+        init_normal(self, c.init_std)
+        scale_residual_projections(self, c.init_std, 2 * c.n_layer)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     def encode(self, idx: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Contextual states (B, T, C)."""

@@ -12,7 +12,6 @@ token table. Source ids equal to ``pad_id`` are padding: no position attends to 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,9 +27,11 @@ from lm_lightning.models.layers import (
     KVCache,
     PositionBias,
     build_norm,
+    init_normal,
     moe_aux_loss,
     moe_inactive_parameters,
     padding_mask,
+    scale_residual_projections,
     sinusoidal_table,
 )
 
@@ -131,22 +132,12 @@ class EncoderDecoder(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-        # residual projections scaled by 1/sqrt(branches): an encoder block adds two residual branches,
-        # a decoder block three (self-attention, cross-attention, MLP), so each stack's residual
-        # stream keeps its variance whatever its depth (GPT-2's rule, per stack)
-        for stack, branches in ((self.encoder, 2 * c.n_layer), (self.decoder, 3 * c.n_decoder_layer)):
-            for name, p in stack.named_parameters():
-                if name.endswith("c_proj.weight"):
-                    nn.init.normal_(p, mean=0.0, std=c.init_std / math.sqrt(branches))
+        init_normal(self, c.init_std)
+        # an encoder block adds two residual branches, a decoder block three (self-attention,
+        # cross-attention, MLP): GPT-2's rule per stack
+        scale_residual_projections(self.encoder, c.init_std, 2 * c.n_layer)
+        scale_residual_projections(self.decoder, c.init_std, 3 * c.n_decoder_layer)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     def _embed(self, idx: torch.Tensor, start: int, table: nn.Embedding | None, norm: nn.Module) -> torch.Tensor:
         """Token (+ absolute position) embeddings of ids (B, T) at positions start..start+T-1 → (B, T, C)."""

@@ -5,7 +5,6 @@ Names follow nanoGPT (n_layer, n_head, n_embd, c_attn, c_proj) so the two are ea
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,9 +18,11 @@ from lm_lightning.models.layers import (
     PositionBias,
     Rotary,
     build_norm,
+    init_normal,
     moe_aux_loss,
     moe_inactive_parameters,
     prefix_mask,
+    scale_residual_projections,
     sinusoidal_table,
 )
 
@@ -97,20 +98,9 @@ class GPT(nn.Module):
         if c.tie_embeddings:
             # input and output embeddings share one matrix (Press & Wolf 2017): fewer parameters, better perplexity
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-        # residual projections scaled by 1/sqrt(2·n_layer): each block adds two residual branches,
-        # so this keeps the residual stream's variance from growing with depth (GPT-2)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=c.init_std / math.sqrt(2 * c.n_layer))
+        init_normal(self, c.init_std)
+        scale_residual_projections(self, c.init_std, 2 * c.n_layer)  # two residual branches per block
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     causal = True  # logits at t depend on tokens ≤ t only (without a prefix)
 

@@ -58,6 +58,23 @@ class FeedForward(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
+def init_normal(model: nn.Module, std: float) -> None:
+    """GPT-2's initialisation: linear and embedding weights from N(0, std), biases zero."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def scale_residual_projections(stack: nn.Module, std: float, branches: int) -> None:
+    """Residual projections (``c_proj``) get std/sqrt(branches): each of the stack's residual branches
+    adds to the stream, so this keeps its variance from growing with depth (GPT-2)."""
+    for name, p in stack.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=std / math.sqrt(branches))
+
+
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     """The fixed sin/cos table of Vaswani et al. 2017, shape (length, dim)."""
     position = torch.arange(length, dtype=torch.float32)[:, None]

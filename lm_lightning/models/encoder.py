@@ -3,20 +3,18 @@ token + position + segment embeddings, a masked-LM head and a [CLS] pooler for s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lm_lightning.errors import UserError
-from lm_lightning.models.counting import ParameterCount, count_parameters, training_flops_per_token
+from lm_lightning.models.base import LanguageModel
 from lm_lightning.models.layers import (
     Block,
     build_norm,
     init_normal,
-    moe_aux_loss,
-    moe_inactive_parameters,
     padding_mask,
     scale_residual_projections,
 )
@@ -54,7 +52,7 @@ class EncoderConfig:
             raise UserError(f"model.family={self.family!r}: this builder makes bert")
 
 
-class Encoder(nn.Module):
+class Encoder(LanguageModel):
     """Token ids (B, T) → per-token vocabulary logits (B, T, V), and with ``return_pooled`` also the
     next-sentence logits (B, 2) from the [CLS] (first) position. Padding (``pad_id``) is never attended to."""
 
@@ -112,24 +110,8 @@ class Encoder(nn.Module):
             return logits
         return logits, self.nsp_head(torch.tanh(self.pooler(x[:, 0])))
 
-    def parameter_count(self) -> ParameterCount:
-        return count_parameters(self, [self.wte, self.wpe, self.wse, self.lm_head], moe_inactive_parameters(self))
-
-    def aux_loss(self) -> torch.Tensor | None:
-        return moe_aux_loss(self)
-
-    def flops_per_token(self, context: int | None = None) -> int:
-        c = self.config
-        return training_flops_per_token(
-            self.parameter_count().active_non_embedding, c.n_embd * c.vocab_size, c.n_layer, c.n_embd, context or c.block_size
-        )
-
-    @property
-    def context_length(self) -> int:
-        return self.config.block_size
-
-    def describe(self) -> dict:
-        return {"architecture": "bert", **asdict(self.config), **self.parameter_count().as_dict()}
+    def embedding_tables(self) -> list[nn.Module]:
+        return [self.wte, self.wpe, self.wse, self.lm_head]
 
 
 def build_encoder(**kwargs) -> Encoder:

@@ -12,13 +12,13 @@ token table. Source ids equal to ``pad_id`` are padding: no position attends to 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lm_lightning.errors import UserError
-from lm_lightning.models.counting import ParameterCount, count_parameters, training_flops_per_token
+from lm_lightning.models.base import LanguageModel
 from lm_lightning.models.layers import (
     ACTIVATIONS,
     NORM_POSITIONS,
@@ -28,8 +28,6 @@ from lm_lightning.models.layers import (
     PositionBias,
     build_norm,
     init_normal,
-    moe_aux_loss,
-    moe_inactive_parameters,
     padding_mask,
     scale_residual_projections,
     sinusoidal_table,
@@ -92,7 +90,7 @@ class EncoderDecoderConfig:
                                 f"model.vocab_size={self.vocab_size}")
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(LanguageModel):
     """Source ids (B, S) and decoder inputs (B, T) → logits (B, T, vocab_size) of the next target token."""
 
     causal = False  # not a decoder-only LM: the objective must feed it (source, target) pairs
@@ -205,35 +203,18 @@ class EncoderDecoder(nn.Module):
         start = prompt.new_full((prompt.size(0), 1), self.config.decoder_start_id)
         return DecoderView(self, memory, memory_mask), start
 
-    def parameter_count(self) -> ParameterCount:
+    def embedding_tables(self) -> list[nn.Module]:
         # the token table, the output head and the position tables (learned, or T5's bucket biases)
         # are "embedding"; the head counts once when tied, so N is the same either way
-        tables = [self.wte, self.lm_head] + [m for m in (self.wpe_encoder, self.wpe_decoder, self.encoder_bias,
-                                                         self.decoder_bias) if m is not None]
-        return count_parameters(self, tables, moe_inactive_parameters(self))
+        return [self.wte, self.lm_head] + [m for m in (self.wpe_encoder, self.wpe_decoder, self.encoder_bias,
+                                                        self.decoder_bias) if m is not None]
 
-    def aux_loss(self) -> torch.Tensor | None:
-        return moe_aux_loss(self)
-
-    def flops_per_token(self, context: int | None = None) -> int:
-        """Training FLOPs (forward + backward) per target token, for a source as long as the target
-        (S = T = context, default block_size): 6·(N + d·V) for the matmuls of every non-embedding
-        weight (encoder weights run once per source token, one per target token) and the head, plus
-        12·d·context per attention layer for QKᵀ and AV — the encoder's self-attention, the decoder's
-        self-attention and its cross-attention over S keys, i.e. n_layer + 2·n_decoder_layer layers."""
-        c = self.config
-        attention_layers = c.n_layer + 2 * c.n_decoder_layer
-        return training_flops_per_token(
-            self.parameter_count().active_non_embedding, c.n_embd * c.vocab_size, attention_layers, c.n_embd,
-            context or c.block_size,
-        )
-
-    @property
-    def context_length(self) -> int:
-        return self.config.block_size
-
-    def describe(self) -> dict:
-        return {"architecture": self.config.family, **asdict(self.config), **self.parameter_count().as_dict()}
+    def attention_layers(self) -> int:
+        """FLOPs per target token count a source as long as the target (S = T = context): every
+        non-embedding weight runs once per source or target token, and 12·d·context per attention
+        layer for QKᵀ and AV — the encoder's self-attention, the decoder's self-attention and its
+        cross-attention over S keys, i.e. n_layer + 2·n_decoder_layer layers."""
+        return self.config.n_layer + 2 * self.config.n_decoder_layer
 
 
 class DecoderView(nn.Module):

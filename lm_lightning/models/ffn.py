@@ -7,13 +7,13 @@ head. Window slots before the start of the sequence hold one learned padding emb
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lm_lightning.errors import UserError
-from lm_lightning.models.counting import ParameterCount, count_parameters, training_flops_per_token
+from lm_lightning.models.base import LanguageModel
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -30,8 +30,11 @@ class FFNConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     init_std: float = 0.1  # embeddings and linear layers; 0.02 (GPT's) makes small inputs that learn slowly
+    family: str = "ffn"
 
     def __post_init__(self) -> None:
+        if self.family != "ffn":
+            raise UserError(f"model.family={self.family!r}: build_ffn builds only ffn")
         for name in ("vocab_size", "block_size", "window", "n_layer", "n_embd", "hidden"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -53,7 +56,7 @@ class WindowCache:
         self.tokens = self.tokens[order]
 
 
-class FFNLM(nn.Module):
+class FFNLM(LanguageModel):
     """Token ids (B, T) → next-token logits (B, T, vocab_size); causal, with a window of ``window`` tokens."""
 
     causal = True
@@ -100,30 +103,15 @@ class FFNLM(nn.Module):
         tokens = torch.full((batch, self.config.window - 1), -1, dtype=torch.long, device=like.device)
         return [WindowCache(tokens)]
 
-    def parameter_count(self) -> ParameterCount:
+    def embedding_tables(self) -> list[nn.Module]:
         # token table, padding vector and the (possibly tied) head are embedding
-        return count_parameters(self, [self.wte, self.wpad, self.lm_head])
+        return [self.wte, self.wpad, self.lm_head]
 
-    def flops_per_token(self, context: int | None = None) -> int:
-        """Training FLOPs (forward + backward) per token: 6·(non-embedding params + head weights d·V).
-
-        The window is fixed, so the cost does not depend on ``context`` (accepted for the common
-        interface and ignored).
-        """
-        c = self.config
-        return training_flops_per_token(self.parameter_count().non_embedding, c.n_embd * c.vocab_size, c.n_layer,
-                                        c.n_embd, context=0)
-
-    @property
-    def context_length(self) -> int:
-        return self.config.block_size
-
-    def describe(self) -> dict:
-        return {"architecture": "ffn", **asdict(self.config), **self.parameter_count().as_dict()}
+    def attention_layers(self) -> int:
+        """None: the window is fixed, so the cost per token does not depend on the context."""
+        return 0
 
 
 def build_ffn(family: str = "ffn", **fields) -> FFNLM:
     """Hydra entry point: ``_target_: lm_lightning.models.ffn.build_ffn`` with FFNConfig fields."""
-    if family != "ffn":
-        raise UserError(f"model.family={family!r}: build_ffn builds only ffn")
-    return FFNLM(FFNConfig(**fields))
+    return FFNLM(FFNConfig(family=family, **fields))

@@ -5,13 +5,13 @@ Names follow nanoGPT (n_layer, n_head, n_embd, c_attn, c_proj) so the two are ea
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lm_lightning.errors import UserError
-from lm_lightning.models.counting import ParameterCount, count_parameters, training_flops_per_token
+from lm_lightning.models.base import LanguageModel
 from lm_lightning.models.layers import (
     Block,
     KVCache,
@@ -19,8 +19,6 @@ from lm_lightning.models.layers import (
     Rotary,
     build_norm,
     init_normal,
-    moe_aux_loss,
-    moe_inactive_parameters,
     prefix_mask,
     scale_residual_projections,
     sinusoidal_table,
@@ -70,7 +68,7 @@ class GPTConfig:
             raise UserError("model.position=rope needs an even head size (n_embd / n_head)")
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
     """Token ids (B, T) → next-token logits (B, T, vocab_size)."""
 
     def __init__(self, config: GPTConfig) -> None:
@@ -142,28 +140,10 @@ class GPT(nn.Module):
         c = self.config
         return [KVCache.empty(batch, c.n_head, c.block_size, c.n_embd // c.n_head, like) for _ in range(c.n_layer)]
 
-    def parameter_count(self) -> ParameterCount:
+    def embedding_tables(self) -> list[nn.Module]:
         # vocabulary and position tables (learned, or T5's bucket biases) are "embedding"; an untied output head is a vocabulary
         # table too, so N (non-embedding) is the same whether or not the head is tied
-        tables = [self.wte, self.lm_head] + [m for m in (self.wpe, self.position_bias) if m is not None]
-        return count_parameters(self, tables, moe_inactive_parameters(self))
-
-    def aux_loss(self) -> torch.Tensor | None:
-        return moe_aux_loss(self)
-
-    def flops_per_token(self, context: int | None = None) -> int:
-        """Training FLOPs (forward + backward) per token at the given (default: full) context."""
-        c = self.config
-        return training_flops_per_token(
-            self.parameter_count().active_non_embedding, c.n_embd * c.vocab_size, c.n_layer, c.n_embd, context or c.block_size
-        )
-
-    @property
-    def context_length(self) -> int:
-        return self.config.block_size
-
-    def describe(self) -> dict:
-        return {"architecture": self.config.family, **asdict(self.config), **self.parameter_count().as_dict()}
+        return [self.wte, self.lm_head] + [m for m in (self.wpe, self.position_bias) if m is not None]
 
 
 class PrefixLMView(nn.Module):

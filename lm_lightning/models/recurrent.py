@@ -7,13 +7,13 @@ model reads the whole sequence both ways (for masked LM) and cannot generate.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lm_lightning.errors import UserError
-from lm_lightning.models.counting import ParameterCount, count_parameters, training_flops_per_token
+from lm_lightning.models.base import LanguageModel
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}  # nn.RNN is the tanh Elman cell
 
@@ -62,7 +62,7 @@ class RecurrentCache:
             self.c = self.c[:, order]
 
 
-class RecurrentLM(nn.Module):
+class RecurrentLM(LanguageModel):
     """Token ids (B, T) → logits (B, T, vocab_size): next-token logits when causal, per-position
     logits from both directions when bidirectional."""
 
@@ -114,26 +114,13 @@ class RecurrentLM(nn.Module):
         zeros = like.new_zeros(c.n_layer, batch, c.n_embd)
         return [RecurrentCache(zeros, zeros.clone() if c.family == "lstm" else None)]
 
-    def parameter_count(self) -> ParameterCount:
+    def embedding_tables(self) -> list[nn.Module]:
         # the token table and the (possibly tied) head are embedding; cells and projection are non-embedding
-        return count_parameters(self, [self.wte, self.lm_head])
+        return [self.wte, self.lm_head]
 
-    def flops_per_token(self, context: int | None = None) -> int:
-        """Training FLOPs (forward + backward) per token: 6·(non-embedding params + head weights d·V).
-
-        Every weight is used once per token, and there is no attention, so the cost does not depend
-        on ``context`` (accepted for the common interface and ignored).
-        """
-        c = self.config
-        return training_flops_per_token(self.parameter_count().non_embedding, c.n_embd * c.vocab_size, c.n_layer,
-                                        c.n_embd, context=0)
-
-    @property
-    def context_length(self) -> int:
-        return self.config.block_size
-
-    def describe(self) -> dict:
-        return {**asdict(self.config), "architecture": self.config.family, **self.parameter_count().as_dict()}
+    def attention_layers(self) -> int:
+        """None: every weight is used once per token, whatever the context."""
+        return 0
 
 
 def build_recurrent(family: str, **fields) -> RecurrentLM:

@@ -28,20 +28,33 @@ def test_every_option_carries_a_comment(path):
 
 
 GROUPS = {p.parent.name: sorted(q.stem for q in p.parent.glob("*.yaml")) for p in (REPO / "conf").glob("*/*.yaml")}
+COMMAND_GROUPS = {"task": "finetune", "peft": "finetune"}  # groups only fine-tuning composes
+
+
+def command_of(group: str, option: str) -> str:
+    """The command whose config composes this option: an experiment names it in its usage line
+    (``lm-lightning finetune experiment=sst2_head ...``); other groups belong to train unless listed."""
+    if group == "experiment":
+        text = (REPO / "conf" / "experiment" / f"{option}.yaml").read_text()
+        found = re.search(rf"lm-lightning (\w+)[^\n]*experiment={option}\b", text)
+        return found.group(1) if found else "train"
+    return COMMAND_GROUPS.get(group, "train")
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
-def test_every_group_option_composes_into_train(group, option):
-    override = f"{group}={option}"
+def test_every_group_option_composes_into_its_command(group, option):
+    command = command_of(group, option)
+    overrides = [f"{group}={option}", "paths.output_dir=/tmp/out"] + (["ckpt_path=x.ckpt"] if command != "train" else [])
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[override, "paths.output_dir=/tmp/out"])
+        cfg = compose(config_name=command, overrides=overrides)
     if group == "experiment":  # experiments are global overlays, not a node
         assert cfg.experiment_name == option
     else:
         assert cfg[group] is not None
     # everything but run-time values (Hydra's output folder, the tracker's run name) resolves
-    for key in ("data", "tokenizer", "model", "optimizer", "scheduler", "trainer"):
-        OmegaConf.to_container(cfg[key], resolve=True)
+    for key in ("data", "tokenizer", "model", "optimizer", "scheduler", "trainer", "task", "peft"):
+        if key in cfg:
+            OmegaConf.to_container(cfg[key], resolve=True)
 
 
 def test_repo_dir_is_the_folder_holding_conf():

@@ -40,7 +40,7 @@ def test_finetune_command_trains_a_head_and_reports_dev_accuracy(tmp_path):
             f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=tmp_path / "cache")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     ft_dir = tmp_path / "ft"
-    proc = run_cli("finetune", f"ckpt_path={ckpt}", "max_train_examples=256", "trainer.max_steps=12",
+    proc = run_cli("finetune", f"ckpt_path={ckpt}", "task.max_train_examples=256", "trainer.max_steps=12",
                    "trainer.val_check_interval=12", "warmup_steps=2", "logger=csv", f"hydra.run.dir={ft_dir}",
                    cwd=tmp_path, cache=tmp_path / "cache")
     assert "dev accuracy" in proc.stdout and "majority class 0.5092" in proc.stdout
@@ -50,21 +50,21 @@ def test_finetune_command_trains_a_head_and_reports_dev_accuracy(tmp_path):
     assert (ft_dir / "checkpoints" / "finetuned.ckpt").stat().st_size > 0
     for method in ("lora", "adapter", "prompt"):
         out = tmp_path / method
-        run_cli("finetune", f"ckpt_path={ckpt}", "max_train_examples=128", "trainer.max_steps=4",
-                "trainer.val_check_interval=4", "warmup_steps=1", "logger=csv", f"peft.method={method}",
-                "peft.lora_targets=[c_attn,attn.c_proj,c_fc]", f"hydra.run.dir={out}", cwd=tmp_path, cache=tmp_path / "cache")
+        run_cli("finetune", f"ckpt_path={ckpt}", "task.max_train_examples=128", "trainer.max_steps=4",
+                "trainer.val_check_interval=4", "warmup_steps=1", "logger=csv", f"peft={method}",
+                *(["peft.targets=[c_attn,attn.c_proj,c_fc]"] if method == "lora" else []), f"hydra.run.dir={out}", cwd=tmp_path, cache=tmp_path / "cache")
         params = json.loads((out / "run.json").read_text())["parameters"]
         assert params["trainable"] < 0.2 * params["total"], method  # the tiny model: head + method's parameters only
     adapter, full = tmp_path / "lora" / "checkpoints" / "lora_adapter.pt", tmp_path / "lora" / "checkpoints" / "finetuned.ckpt"
     assert adapter.stat().st_size < 0.5 * full.stat().st_size
-    no_layer = run_cli("finetune", f"ckpt_path={ckpt}", "peft.method=lora", "peft.lora_targets=[q_proj]", "logger=csv",
+    no_layer = run_cli("finetune", f"ckpt_path={ckpt}", "peft=lora", "peft.targets=[q_proj]", "logger=csv",
                        f"hydra.run.dir={tmp_path / 'nolayer'}", cwd=tmp_path, cache=tmp_path / "cache", check=False)
     assert no_layer.returncode == 2 and "q_proj" in no_layer.stderr.strip().splitlines()[-1]
     t5_dir = tmp_path / "t5"
     run_cli("train", "experiment=t5", "trainer.max_steps=2", "scheduler.warmup_steps=1", "logger=csv",
             "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "sample.max_new_tokens=0",
             f"hydra.run.dir={t5_dir}", cwd=tmp_path, cache=tmp_path / "cache")
-    bad = run_cli("finetune", f"ckpt_path={t5_dir / 'checkpoints' / 'last.ckpt'}", "max_train_examples=64",
+    bad = run_cli("finetune", f"ckpt_path={t5_dir / 'checkpoints' / 'last.ckpt'}", "task.max_train_examples=64",
                   "logger=csv", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path, cache=tmp_path / "cache", check=False)
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: a t5 checkpoint cannot take a classification head")
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: a t5 checkpoint cannot be fine-tuned for task=classification")

@@ -1,7 +1,8 @@
 """Sequence classification on a pre-trained backbone: a pooled representation and a linear head.
 
-A left-to-right backbone (GPT, prefix LM) is pooled at the last real token (it has read the whole
-sequence there); a bidirectional one (BERT) by the mean over real tokens. Sequences end with the
+By default (``pool="auto"``) a left-to-right backbone (GPT, prefix LM) is pooled at the last real
+token (it has read the whole sequence there) and a bidirectional one (BERT) by the mean over real
+tokens; ``pool="mean"`` averages a decoder's positions too (each has read the sequence up to it). Sequences end with the
 end-of-sequence token, so the last-token pool always reads the same kind of position.
 """
 
@@ -19,20 +20,24 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lm_lightning.errors import UserError
-from lm_lightning.tasks.language_model import weight_decay_groups
+
+POOLS = ("auto", "last", "mean")
+from lm_lightning.adaptation.optimization import adamw_linear_schedule
 
 
 class SequenceClassifier(nn.Module):
     """Token ids (B, T) with lengths (B,) → class logits (B, n_classes)."""
 
-    def __init__(self, backbone: nn.Module, n_classes: int, dropout: float = 0.1) -> None:
+    def __init__(self, backbone: nn.Module, n_classes: int, dropout: float = 0.1, pool: str = "auto") -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise UserError(f"task.pool={pool!r}: choose one of {', '.join(POOLS)}")
         if not hasattr(backbone, "features"):
             family = getattr(getattr(backbone, "config", None), "family", type(backbone).__name__)
             raise UserError(f"a {family} checkpoint cannot take a classification head: use a gpt, prefix_lm or "
                             "bert checkpoint (models with a features() method)")
         self.backbone = backbone
-        self.pool_last = getattr(backbone, "causal", True)
+        self.pool_last = getattr(backbone, "causal", True) if pool == "auto" else pool == "last"
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.config.n_embd, n_classes)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -52,19 +57,15 @@ class ClassificationTask(L.LightningModule):
     """Fine-tunes a classifier with cross-entropy; reports accuracy (torchmetrics)."""
 
     def __init__(self, model: Mapping, n_classes: int, dropout: float = 0.1, lr: float = 3e-4,
-                 weight_decay: float = 0.01, warmup_steps: int = 100, total_steps: int = 1000,
+                 weight_decay: float = 0.01, warmup_steps: int = 100, total_steps: int = 1000, pool: str = "auto",
                  backbone_state: Mapping[str, torch.Tensor] | None = None,
-                 prepare: Callable[[nn.Module], Any] | None = None) -> None:
-        """``backbone_state``: pre-trained weights (None trains from scratch); ``prepare(classifier)``
-        runs after loading them, e.g. to add LoRA and freeze the backbone."""
+                 prepare: Callable[[nn.Module], nn.Module] | None = None) -> None:
+        """``backbone_state``: pre-trained weights (None trains from scratch); ``prepare(backbone)``
+        runs after loading them and returns the backbone to use, e.g. with LoRA and frozen weights.
+        The head is added after it, so the head always trains."""
         super().__init__()
         self.save_hyperparameters(ignore=["backbone_state", "prepare"])
-        backbone = hydra.utils.instantiate(dict(model))
-        if backbone_state is not None:
-            backbone.load_state_dict(backbone_state)
-        self.classifier = SequenceClassifier(backbone, n_classes, dropout)
-        if prepare is not None:
-            prepare(self.classifier)
+        self.classifier = SequenceClassifier(load_backbone(model, backbone_state, prepare), n_classes, dropout, pool)
         self.train_accuracy = MulticlassAccuracy(n_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(n_classes, average="micro")
 
@@ -86,15 +87,8 @@ class ClassificationTask(L.LightningModule):
         self.log("val/accuracy", self.val_accuracy, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
-        params = weight_decay_groups(self.classifier, self.hparams.weight_decay)
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, betas=(0.9, 0.98))
-        warmup, total = self.hparams.warmup_steps, max(self.hparams.total_steps, self.hparams.warmup_steps + 1)
-
-        def factor(step: int) -> float:  # linear warmup, then linear decay to zero
-            return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hp = self.hparams
+        return adamw_linear_schedule(self.classifier, hp.lr, hp.weight_decay, hp.warmup_steps, hp.total_steps)
 
 
 class TextClassificationData(L.LightningDataModule):
@@ -119,6 +113,15 @@ class TextClassificationData(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(list(zip(*self.val)), batch_size=64, collate_fn=self._collate)
+
+
+def load_backbone(model: Mapping, state: Mapping[str, torch.Tensor] | None,
+                  prepare: Callable[[nn.Module], nn.Module] | None) -> nn.Module:
+    """The network ``model`` describes, with the pre-trained ``state`` (None: random weights), through ``prepare``."""
+    backbone = hydra.utils.instantiate(dict(model))
+    if state is not None:
+        backbone.load_state_dict(state)
+    return prepare(backbone) if prepare is not None else backbone
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

@@ -47,7 +47,7 @@ def check_train_config(cfg: DictConfig) -> None:
                         f"scheduler.warmup_steps={scheduler.warmup_steps} (shorten the warmup for short runs)")
     tokenizer = cfg.tokenizer
     dtype = data.corpus.get("token_dtype", "auto")
-    if dtype == "uint16" and tokenizer.type != "char" and tokenizer.vocab_size > 65536:
+    if dtype == "uint16" and tokenizer.get("type") != "char" and tokenizer.get("vocab_size", 0) > 65536:
         raise UserError(f"tokenizer.vocab_size={tokenizer.vocab_size} does not fit data.corpus.token_dtype=uint16 "
                         "(ids up to 65535): use token_dtype=uint32 or auto, or a smaller vocabulary")
 

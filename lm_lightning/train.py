@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -18,7 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from lm_lightning.compat import family_of
 from lm_lightning.config_checks import check_train_config
@@ -26,9 +27,11 @@ from lm_lightning.data.corpus import unigram_entropy
 from lm_lightning.data.datamodule import LMDataModule
 from lm_lightning.generation import generate_text, is_generative
 from lm_lightning.parallel.setup import build_strategy, check_precision, micro_batch_size, world_size
+from lm_lightning.errors import UserError
 from lm_lightning.runtime import (
     hydra_command,
     instantiate_group,
+    load_trained,
     plain,
     resolve_checkpoint,
     run_identity,
@@ -45,6 +48,7 @@ log = logging.getLogger("lm_lightning.train")
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Runs one training job; returns the run record (also written to ``<run>/run.json``)."""
+    start = start_from_checkpoint(cfg) if cfg.get("init_from") else None
     check_train_config(cfg)
     set_threads(cfg.get("num_threads"))
     L.seed_everything(cfg.seed, workers=True)
@@ -78,6 +82,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         parallelize=parallelize,
         compile=cfg.get("compile", False),
     )
+    if start is not None:
+        start.load_into(task.model)
     params = task.model.parameter_count()
     log.info("model: %s parameters (%s non-embedding), %.3g training FLOPs/token",
              f"{params.total:,}", f"{params.non_embedding:,}", task.model.flops_per_token())
@@ -205,6 +211,38 @@ def apply_scaling(cfg: DictConfig, model_cfg: dict[str, Any], tokens_per_step: i
     return {**model_cfg, **shape}
 
 
+class Start:
+    """Continued pretraining: the weights a run starts from (``init_from``)."""
+
+    def __init__(self, path: str, state: dict[str, torch.Tensor]) -> None:
+        self.path, self.state = path, state
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        try:
+            model.load_state_dict(self.state)
+        except RuntimeError as err:
+            raise UserError(f"init_from={self.path}: its weights do not fit the model this run builds "
+                            f"({str(err).splitlines()[0]}); keep the checkpoint's objective family") from err
+        log.info("initialised the model from %s", self.path)
+
+
+def start_from_checkpoint(cfg: DictConfig) -> Start:
+    """Continued pretraining: the run takes ``init_from``'s architecture (the ``model`` group is
+    replaced by it) and tokenizer (the new corpus is tokenized with it), and starts from its weights;
+    the optimizer, schedule and step count start afresh."""
+    pretrained, _ = load_trained(cfg.init_from)
+    tokenizers = Path(cfg.paths.cache_dir).expanduser() / "tokenizers"
+    tokenizers.mkdir(parents=True, exist_ok=True)
+    model_bytes = pretrained.tokenizer_model
+    model_file = tokenizers / f"{hashlib.sha256(model_bytes).hexdigest()[:16]}.model"
+    if not model_file.is_file():
+        model_file.write_bytes(model_bytes)
+    with open_dict(cfg):
+        cfg.tokenizer = {"model_file": str(model_file)}
+        cfg.model = {k: v for k, v in plain(pretrained.hparams.model).items() if k != "vocab_size"}
+    return Start(str(cfg.init_from), pretrained.model.state_dict())
+
+
 def objective_config(objective: DictConfig, tokenizer) -> dict[str, Any]:
     """The objective's config with what only the tokenizer knows: its vocabulary size and, for
     BART's sentence permutation when not given, the ids of pieces that end a sentence."""
@@ -257,7 +295,8 @@ def _print_summary(record: dict[str, Any]) -> None:
         "",
         "=" * 72,
         f"run {record['run_name']}: {record['steps']} steps, {record['tokens_trained']:,} tokens, "
-        f"{record['training_flops']:.3g} training FLOPs",
+        f"{record['training_flops']:.3g} training FLOPs"
+        + (f", continued from {record['config']['init_from']}" if record["config"].get("init_from") else ""),
         f"parameters: {params['total']:,} ({params['total'] / 1e6:.2f}M; {params['non_embedding']:,} non-embedding; "
         f"{params['total'] - params['position_table']:,} = {(params['total'] - params['position_table']) / 1e6:.2f}M "
         "without the position table, as nanoGPT counts)",

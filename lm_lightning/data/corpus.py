@@ -49,6 +49,7 @@ from lm_lightning.data.parallel import batched, ordered_map
 from lm_lightning.data.report import REPORT_FILE, build_report
 from lm_lightning.data.sources import describe_source, iter_documents, plain_config
 from lm_lightning.data.tokenizer import Tokenizer, train_tokenizer
+from lm_lightning.hashing import file_sha256
 from lm_lightning.errors import UserError
 from lm_lightning.hashing import file_sha256
 
@@ -128,6 +129,11 @@ def prepare_corpus(data_cfg: Mapping, tokenizer_cfg: Mapping, cache_dir: str | P
     _check_split_cfg(split_cfg)
     # Log verbosity is the one tokenizer option that cannot change the result.
     tokenizer_key = {k: v for k, v in plain_config(tokenizer_cfg).items() if k != "verbose"}
+    if tokenizer_key.get("model_file"):  # a re-used tokenizer is known by its content, not its path
+        model_file = Path(tokenizer_key["model_file"])
+        if not model_file.is_file():
+            raise UserError(f"tokenizer.model_file={model_file} does not exist: pass a sentencepiece .model file")
+        tokenizer_key = {"model_sha256": file_sha256(model_file)}
     fingerprint = {"format_version": FORMAT_VERSION, "source": describe_source(source), "cleaning": plain_config(cleaning),
                    "dedup": dedup, "split": plain_config(split_cfg), "tokenizer": tokenizer_key}
     token_dtype = data_cfg.get("token_dtype") or "auto"

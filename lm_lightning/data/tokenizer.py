@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -34,8 +35,15 @@ def train_tokenizer(docs: Iterable[str], cfg: Mapping, model_prefix: Path) -> Pa
     whose vocabulary is every character seen), ``byte_fallback``, ``character_coverage``,
     ``special_tokens``, ``max_sentence_length`` (bytes per line; longer lines are skipped in
     training), ``input_sentence_size`` (lines sampled for training; 0 = all), ``seed``,
-    ``num_threads``, ``verbose`` (sentencepiece's own log). Returns the ``.model`` path.
+    ``num_threads``, ``verbose`` (sentencepiece's own log); or ``model_file``, an existing
+    ``.model`` copied instead of training one. Returns the ``.model`` path.
     """
+    model_prefix = Path(model_prefix)
+    if cfg.get("model_file"):  # re-use a trained model (continued pretraining on a new corpus): no training
+        model_prefix.parent.mkdir(parents=True, exist_ok=True)
+        target = model_prefix.with_suffix(".model")
+        shutil.copyfile(cfg["model_file"], target)
+        return target
     kind = cfg.get("type", "bpe")
     if kind not in TYPES:
         raise UserError(f"tokenizer.type={kind!r} is not valid: choose one of {', '.join(TYPES)}")

@@ -42,9 +42,10 @@ def test_every_lm_lightning_command_in_the_readme_runs(tmp_path):
         if args[0] == "train" and "--cfg" not in args and not any(a.startswith("trainer.max_steps") for a in args):
             args += SHORTEN
         if args[0] == "finetune":  # 200 training sentences, 4 steps
-            args += ["max_train_examples=200", "trainer.max_steps=4", "trainer.val_check_interval=4", "warmup_steps=1"]
+            args += ["task.max_train_examples=200", "trainer.max_steps=4", "trainer.val_check_interval=4", "warmup_steps=1"]
             proc = run_cli(*args, cwd=workdir, cache=tmp_path / "cache")
-            assert "dev accuracy" in proc.stdout and "trainable parameters" in proc.stdout
+            done = "answers to 3 held-back instructions:" if "task=sft" in args else "dev accuracy"
+            assert done in proc.stdout and "trainable parameters" in proc.stdout, line
             continue
         if "scaling_cpu" in args:  # 3 MB of Gutenberg instead of all of it: the sweep is composed and run as written
             args += ["data.corpus.source.max_bytes=3000000"]
@@ -57,5 +58,7 @@ def test_every_lm_lightning_command_in_the_readme_runs(tmp_path):
             assert "bits-per-byte" in proc.stdout
         if args[0] == "score":
             assert "zero-shot accuracy" in proc.stdout and "majority-class baseline" in proc.stdout
+        if args[0] == "export":
+            assert "max |logit difference|" in proc.stdout and (workdir / "hf_model" / "model.safetensors").is_file()
         if args[0] == "generate":
             assert proc.stdout.count("--- sample") == 2

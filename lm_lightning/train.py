@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import hydra
@@ -46,8 +47,9 @@ from lm_lightning.training.checkpoint_io import AtomicCheckpointIO
 log = logging.getLogger("lm_lightning.train")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Runs one training job; returns the run record (also written to ``<run>/run.json``)."""
+def train(cfg: DictConfig, task_class: Callable[..., LanguageModelTask] = LanguageModelTask) -> dict[str, Any]:
+    """Runs one training job; returns the run record (also written to ``<run>/run.json``).
+    ``task_class`` builds the LightningModule from LanguageModelTask's arguments (distillation adds a teacher)."""
     start = start_from_checkpoint(cfg) if cfg.get("init_from") else None
     check_train_config(cfg)
     set_threads(cfg.get("num_threads"))
@@ -71,7 +73,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokens_per_step = cfg.data.batch_size * cfg.model.block_size * cfg.trainer.accumulate_grad_batches * world
     model_cfg = apply_scaling(cfg, {**plain(cfg.model), "vocab_size": objective.model_vocab_size(tokenizer.vocab_size)},
                               tokens_per_step)
-    task = LanguageModelTask(
+    task = task_class(
         model=model_cfg,
         objective=objective_cfg,
         optimizer=hydra.utils.instantiate(cfg.optimizer),

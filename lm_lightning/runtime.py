@@ -211,6 +211,10 @@ def load_trained(ckpt_path: str, device: str = "cpu"):
     path = Path(ckpt_path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path} (pass ckpt_path=<an existing .ckpt file>)")
+    if path.is_file() and path.suffix == ".pt":  # an int8 model written by lm-lightning quantize
+        from lm_lightning.compression.quantize import load_int8
+
+        return load_int8(path)
     if path.is_file():
         verify_checkpoint(path)  # a checkpoint with a sidecar must match it, as when training resumes
     try:

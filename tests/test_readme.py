@@ -47,6 +47,10 @@ def test_every_lm_lightning_command_in_the_readme_runs(tmp_path):
             done = "answers to 3 held-back instructions:" if "task=sft" in args else "dev accuracy"
             assert done in proc.stdout and "trainable parameters" in proc.stdout, line
             continue
+        if args[0] == "align" and "experiment=ppo" in args:  # 2 updates of 4 short responses
+            args += ["ppo.updates=2", "ppo.batch_size=4", "ppo.minibatch_size=2", "ppo.max_new_tokens=4"]
+        if args[0] == "distill":
+            args += SHORTEN
         if "scaling_cpu" in args:  # 3 MB of Gutenberg instead of all of it: the sweep is composed and run as written
             args += ["data.corpus.source.max_bytes=3000000"]
         proc = run_cli(*args, cwd=workdir, cache=tmp_path / "cache")
@@ -58,6 +62,8 @@ def test_every_lm_lightning_command_in_the_readme_runs(tmp_path):
             assert "bits-per-byte" in proc.stdout
         if args[0] == "score":
             assert "zero-shot accuracy" in proc.stdout and "majority-class baseline" in proc.stdout
+        if args[0] == "quantize":
+            assert "int8 model:" in proc.stdout
         if args[0] == "export":
             assert "max |logit difference|" in proc.stdout and (workdir / "hf_model" / "model.safetensors").is_file()
         if args[0] == "generate":

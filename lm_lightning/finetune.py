@@ -21,7 +21,6 @@ from torch import nn
 
 from lm_lightning.adaptation.classification import (
     ClassificationTask,
-    SequenceClassifier,
     TextClassificationData,
     encode_texts,
 )

@@ -70,3 +70,13 @@ def offline_wandb_summary(run_dir: Path, key: str):
         if byte < 0x80:
             break
     return json.loads(data[i : i + length])
+
+
+def command_of_experiment(name: str) -> str:
+    """The command a ready experiment is for: its usage comment names it
+    (``lm-lightning finetune experiment=sst2_head ...``); train when it names none."""
+    import re
+
+    text = (REPO / "conf" / "experiment" / f"{name}.yaml").read_text()
+    found = re.search(rf"lm-lightning (\w+)[^\n]*experiment={name}\b", text)
+    return found.group(1) if found else "train"

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from lm_lightning.runtime import CONF_DIR, REPO_DIR
 
-from helpers import REPO
+from helpers import REPO, command_of_experiment
 
 YAMLS = sorted(p for p in (REPO / "conf").rglob("*.yaml")) + sorted((REPO / "sweeps").rglob("*.yaml"))
 
@@ -32,13 +32,9 @@ COMMAND_GROUPS = {"task": "finetune", "peft": "finetune"}  # groups only fine-tu
 
 
 def command_of(group: str, option: str) -> str:
-    """The command whose config composes this option: an experiment names it in its usage line
-    (``lm-lightning finetune experiment=sst2_head ...``); other groups belong to train unless listed."""
-    if group == "experiment":
-        text = (REPO / "conf" / "experiment" / f"{option}.yaml").read_text()
-        found = re.search(rf"lm-lightning (\w+)[^\n]*experiment={option}\b", text)
-        return found.group(1) if found else "train"
-    return COMMAND_GROUPS.get(group, "train")
+    """The command whose config composes this option: an experiment names it in its usage line;
+    other groups belong to train unless listed."""
+    return command_of_experiment(option) if group == "experiment" else COMMAND_GROUPS.get(group, "train")
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])

@@ -113,9 +113,9 @@ def apply_lora(model: nn.Module, targets: str | list[str], rank: int = 8, alpha:
     tied = _tied_parameter_ids(model)
     chosen: list[str] = []
     for target in targets:
-        hits = [name for name in linears if _matches(target, name)]
+        hits = [name for name in linears if name_matches(target, name)]
         if not hits:
-            if any(_matches(target, name) for name in wrapped):
+            if any(name_matches(target, name) for name in wrapped):
                 raise UserError(f"LoRA target '{target}' names layers that already have LoRA; apply it once")
             raise UserError(f"LoRA target '{target}' matches no nn.Linear layer; the linear layers are named like "
                             f"{_examples(linears)}")
@@ -179,13 +179,14 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         model.get_parameter(key).copy_(value)
 
 
-def _matches(target: str, name: str) -> bool:
+def name_matches(target: str, name: str, what: str = "LoRA target") -> bool:
+    """Whether a layer's qualified ``name`` is ``target``, ends with ``.target``, or fully matches it as a regex."""
     if name == target or name.endswith("." + target):
         return True
     try:
         return re.fullmatch(target, name) is not None
     except re.error as error:
-        raise UserError(f"LoRA target '{target}' is not a valid regular expression: {error}") from None
+        raise UserError(f"{what} '{target}' is not a valid regular expression: {error}") from None
 
 
 def _lora_layers(model: nn.Module) -> list[LoRALinear]:

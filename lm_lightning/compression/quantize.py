@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm_lightning.adaptation.peft import name_matches
 from lm_lightning.errors import UserError
 
 SCHEMES = ("weight", "dynamic")
@@ -173,7 +174,7 @@ def select_linears(model: nn.Module, layers: list[str] | None = None) -> list[st
         return [name for name, m in linears.items() if id(m.weight) not in tied]
     chosen: list[str] = []
     for target in layers:
-        hits = [name for name in linears if _matches(target, name)]
+        hits = [name for name in linears if name_matches(target, name, "layer")]
         if not hits:
             _refuse(target, modules, {name: m for name, m in linears.items() if id(m.weight) not in tied})
         own = [name for name in hits if id(linears[name].weight) not in tied]
@@ -187,7 +188,7 @@ def select_linears(model: nn.Module, layers: list[str] | None = None) -> list[st
 
 def _refuse(target: str, modules: dict[str, nn.Module], linears: dict[str, nn.Module]) -> None:
     """The one-line error for a layer name that matches no linear layer."""
-    others = [name for name in modules if _matches(target, name)]
+    others = [name for name in modules if name_matches(target, name, "layer")]
     if others:
         kind = type(modules[others[0]]).__name__
         if isinstance(modules[others[0]], Int8Linear):
@@ -198,15 +199,6 @@ def _refuse(target: str, modules: dict[str, nn.Module], linears: dict[str, nn.Mo
                         f"fp32); linear layers are named like {_examples(linears)}")
     raise UserError(f"layer '{target}' matches no layer of the model; linear layers are named like "
                     f"{_examples(linears)}")
-
-
-def _matches(target: str, name: str) -> bool:
-    if name == target or name.endswith("." + target):
-        return True
-    try:
-        return re.fullmatch(target, name) is not None
-    except re.error as error:
-        raise UserError(f"layer '{target}' is not a valid regular expression: {error}") from None
 
 
 def _examples(linears: dict[str, nn.Module], limit: int = 6) -> str:

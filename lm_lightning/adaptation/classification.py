@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lm_lightning.errors import UserError
 
 POOLS = ("auto", "last", "mean")
+from lm_lightning.adaptation.batching import right_pad
 from lm_lightning.adaptation.optimization import adamw_linear_schedule
 
 
@@ -100,10 +101,7 @@ class TextClassificationData(L.LightningDataModule):
         self.train, self.val, self.batch_size, self.pad_id, self.seed = train, val, batch_size, pad_id, seed
 
     def _collate(self, rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        lengths = torch.tensor([len(ids) for ids, _ in rows])
-        ids = torch.full((len(rows), int(lengths.max())), self.pad_id, dtype=torch.long)
-        for i, (seq, _) in enumerate(rows):
-            ids[i, : len(seq)] = torch.tensor(seq)
+        ids, lengths = right_pad([seq for seq, _ in rows], self.pad_id)
         return {"ids": ids, "lengths": lengths, "labels": torch.tensor([label for _, label in rows])}
 
     def train_dataloader(self) -> DataLoader:

@@ -42,6 +42,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from lm_lightning.adaptation.batching import right_pad
 from lm_lightning.alignment.policy import save_policy_checkpoint
 from lm_lightning.errors import UserError
 from lm_lightning.generation.sampling import generate
@@ -225,15 +226,6 @@ def build_reward(cfg: DictConfig, tokenizer, pad_id: int = 0, policy_path: str =
 
 
 # --- rollouts --------------------------------------------------------------------------------------------------
-
-def right_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists → right-padded ids (B, L) and lengths (B,)."""
-    lengths = torch.tensor([len(s) for s in sequences], device=device)
-    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long, device=device)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq, device=device)
-    return ids, lengths
-
 
 def sample_responses(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
                      generator: torch.Generator | None = None) -> list[list[int]]:

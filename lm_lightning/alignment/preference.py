@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lm_lightning.adaptation.batching import right_pad
 from lm_lightning.adaptation.instructions import load_instructions, render_prompt
 from lm_lightning.errors import UserError
 
@@ -255,10 +256,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     slots = len(examples[0].sequences)
     sequences = [ex.sequences[s] for s in range(slots) for ex in examples]
     starts = [ex.prompt_lengths[s] for s in range(slots) for ex in examples]
-    lengths = torch.tensor([len(seq) for seq in sequences])
-    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq)
+    ids, lengths = right_pad(sequences, pad_id)
     positions = torch.arange(ids.size(1))[None]
     batch = {"ids": ids, "lengths": lengths,
              "response_mask": (positions >= torch.tensor(starts)[:, None]) & (positions < lengths[:, None])}

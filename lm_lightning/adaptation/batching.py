@@ -1,0 +1,14 @@
+"""Right padding of token lists: the one batching step every adaptation task shares."""
+
+from __future__ import annotations
+
+import torch
+
+
+def right_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → right-padded ids (B, L) and lengths (B,)."""
+    lengths = torch.tensor([len(s) for s in sequences], device=device)
+    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long, device=device)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, device=device)
+    return ids, lengths

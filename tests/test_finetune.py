@@ -68,3 +68,32 @@ def test_finetune_command_trains_a_head_and_reports_dev_accuracy(tmp_path):
                   "logger=csv", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path, cache=tmp_path / "cache", check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: a t5 checkpoint cannot be fine-tuned for task=classification")
+
+
+def test_sst2_adaptation_benchmark_runs_the_ready_experiments_and_tabulates_their_records(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO, cli_env
+
+    run_dir = tmp_path / "pre"
+    run_cli("train", "experiment=tiny", "trainer.max_steps=3", "scheduler.warmup_steps=1", "logger=csv",
+            f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=tmp_path / "cache")
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sst2_adaptation.py"),
+                           "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(out),
+                           "--runs", "full,scratch,lora", "--jobs", "2", "task.max_train_examples=64",
+                           "trainer.max_steps=3", "trainer.val_check_interval=3", "warmup_steps=1", "logger=csv"],
+                          env=cli_env(tmp_path / "cache"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line.split("|")[1].strip(): line for line in (out / "summary.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| run")}
+    assert sorted(rows) == ["full", "lora", "scratch"]
+    for label, line in rows.items():
+        record = json.loads((out / label / "run.json").read_text())
+        assert f"| {record['final']['val/accuracy']:.4f} |" in line
+        assert f"| {record['parameters']['trainable']:,} |" in line
+    assert record["init"] == "pretrained" and record["peft"] == "lora"
+    assert json.loads((out / "scratch" / "run.json").read_text())["init"] == "scratch"
+    assert "MB (" in rows["lora"] and rows["full"].rstrip().split("|")[-3].strip() == "-"  # only LoRA saves an adapter
+    assert "points over scratch" in proc.stdout and "points from full fine-tuning" in proc.stdout

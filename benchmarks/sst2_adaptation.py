@@ -56,13 +56,15 @@ def table(out: Path) -> str:
         r = json.loads(record_file.read_text())
         p, final = r["parameters"], r["final"]
         accuracy[label] = final["val/accuracy"]
-        full_mb = Path(r["checkpoint"]).stat().st_size / 1e6
-        adapter = f"{Path(r['adapter_checkpoint']).stat().st_size / 1e6:.3f} MB ({Path(r['adapter_checkpoint']).stat().st_size / 1e6 / full_mb:.2%})" \
-            if r.get("adapter_checkpoint") else "-"
+        checkpoints = out / label / "checkpoints"  # the run's own folder, wherever it was moved
+        full_mb = (checkpoints / Path(r["checkpoint"]).name).stat().st_size / 1e6
+        adapter_mb = (checkpoints / Path(r["adapter_checkpoint"]).name).stat().st_size / 1e6 if r.get("adapter_checkpoint") else None
+        adapter = f"{adapter_mb:.3f} MB ({adapter_mb / full_mb:.2%})" if adapter_mb is not None else "-"
         wall = out / label / "wall_seconds.txt"
+        minutes = f"{float(wall.read_text()) / 60:.1f}" if wall.exists() else "-"
         rows.append(f"| {label} | {r['init']} | {r['peft'] or 'all'} | {p['trainable']:,} | {p['trainable'] / p['total']:.2%} "
                     f"| {final['val/accuracy']:.4f} | {final['val/loss']:.4f} | {r['majority_baseline']:.4f} | {r['steps']} "
-                    f"| {full_mb:.1f} MB | {adapter} | {float(wall.read_text()) / 60 if wall.exists() else float('nan'):.1f} |")
+                    f"| {full_mb:.1f} MB | {adapter} | {minutes} |")
     head = ["| run | init | trains | trainable | share | dev accuracy | dev loss | majority | steps | checkpoint | adapter-only | minutes |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []

@@ -93,7 +93,8 @@ def test_sst2_adaptation_benchmark_runs_the_ready_experiments_and_tabulates_thei
         record = json.loads((out / label / "run.json").read_text())
         assert f"| {record['final']['val/accuracy']:.4f} |" in line
         assert f"| {record['parameters']['trainable']:,} |" in line
-    assert record["init"] == "pretrained" and record["peft"] == "lora"
-    assert json.loads((out / "scratch" / "run.json").read_text())["init"] == "scratch"
+    inits = {label: json.loads((out / label / "run.json").read_text())["init"] for label in rows}
+    assert inits == {"full": "pretrained", "scratch": "scratch", "lora": "pretrained"}
+    assert json.loads((out / "lora" / "run.json").read_text())["peft"] == "lora"
     assert "MB (" in rows["lora"] and rows["full"].rstrip().split("|")[-3].strip() == "-"  # only LoRA saves an adapter
     assert "points over scratch" in proc.stdout and "points from full fine-tuning" in proc.stdout

@@ -15,6 +15,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 from torch import nn
@@ -80,7 +81,8 @@ def classification_parts(cfg: DictConfig, model_cfg: dict, state, prepare, token
                                   (encode_texts(tokenizer, dev_texts, max_length), dev_labels),
                                   cfg.batch_size, tokenizer.pad_id, cfg.seed)
     module = ClassificationTask(model_cfg, t.n_classes, t.dropout, cfg.lr, cfg.weight_decay, cfg.warmup_steps,
-                                cfg.trainer.max_steps, t.pool, backbone_state=state, prepare=prepare)
+                                cfg.trainer.max_steps, t.pool, backbone_state=state, prepare=prepare,
+                                lm_weight=t.lm_weight)
     majority = Counter(dev_labels).most_common(1)[0][1] / len(dev_labels)
 
     def finish(final: dict[str, float]) -> tuple[dict[str, Any], list[str]]:
@@ -138,6 +140,10 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     pretrained, tokenizer = load_trained(cfg.ckpt_path)
     model_cfg = dict(pretrained.hparams.model)
     family = model_cfg.get("family", "gpt")
+    if cfg.get("backbone_dropout") is not None:
+        if "dropout" not in model_cfg:
+            raise UserError(f"backbone_dropout={cfg.backbone_dropout}: a {family} checkpoint has no dropout setting")
+        model_cfg["dropout"] = float(cfg.backbone_dropout)
     if family not in TASK_FAMILIES[cfg.task.name]:
         raise UserError(f"a {family} checkpoint cannot be fine-tuned for task={cfg.task.name}: it needs a "
                         f"{', '.join(TASK_FAMILIES[cfg.task.name])} checkpoint")
@@ -152,7 +158,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_group(cfg.logger)
     for logger in loggers:
         logger.log_hyperparams({"config": plain(cfg), "trainable_parameters": trainable, "parameters": total})
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, enable_checkpointing=False)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, enable_checkpointing=False,
+                                                 callbacks=weight_averaging(cfg.get("ema")))
     trainer.fit(parts.module, datamodule=parts.data)
     final = {k: float(v) for k, v in trainer.validate(parts.module, datamodule=parts.data, verbose=False)[0].items()}
     checkpoint = output_dir / "checkpoints" / "finetuned.ckpt"
@@ -189,6 +196,16 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         "=" * 72,
     ]), flush=True)
     return record
+
+
+def weight_averaging(ema: DictConfig | None) -> list[L.Callback]:
+    """Lightning's EMA of the weights when ``ema.decay`` is set: validation, the saved checkpoint and the
+    final figures then use the averaged weights."""
+    if ema is None or ema.get("decay") is None:
+        return []
+    if not 0 < ema.decay < 1:
+        raise UserError(f"ema.decay={ema.decay} must be between 0 and 1 (e.g. 0.995), or null for no average")
+    return [EMAWeightAveraging(decay=float(ema.decay), update_starting_at_step=int(ema.get("start_step") or 0))]
 
 
 @hydra_command("finetune")

@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import run_cli
-from lm_lightning.adaptation.classification import SequenceClassifier
+from lm_lightning.adaptation.classification import ClassificationTask, SequenceClassifier
 from lm_lightning.errors import UserError
-from test_zoo import build
+from test_zoo import build, model_config
 
 V = 40
 
@@ -29,6 +30,26 @@ def test_the_pooled_class_logits_do_not_depend_on_padding(name):
     torch.testing.assert_close(shorter[0], classifier(ids[:1, :4], torch.tensor([4]))[0], atol=1e-5, rtol=0)
 
 
+def test_the_auxiliary_language_model_loss_is_the_next_token_loss_of_the_real_tokens():
+    """GPT-1's fine-tuning objective: ``with_lm_loss`` gives the same class logits as ``forward`` and the
+    mean next-token cross-entropy over real tokens only, computed here one unpadded sequence at a time."""
+    torch.manual_seed(0)
+    classifier = SequenceClassifier(build("gpt", V + 106), n_classes=2, pool="mean").eval()
+    ids = torch.randint(4, V, (2, 9))
+    lengths = torch.tensor([9, 5])
+    logits, lm_loss = classifier.with_lm_loss(ids, lengths)
+    torch.testing.assert_close(logits, classifier(ids, lengths), atol=1e-6, rtol=0)
+    backbone = classifier.backbone
+    by_hand = sum(F.cross_entropy(backbone(ids[b : b + 1, :n])[0, :-1], ids[b, 1:n], reduction="sum")
+                  for b, n in enumerate(lengths.tolist())) / (8 + 4)
+    torch.testing.assert_close(lm_loss, by_hand, atol=1e-5, rtol=0)
+    padded = ids.clone()
+    padded[1, 5:] = 0  # what follows a sequence's end is not scored
+    torch.testing.assert_close(classifier.with_lm_loss(padded, lengths)[1], lm_loss, atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="task.lm_weight needs a left-to-right language model"):
+        ClassificationTask({**model_config("bert"), "vocab_size": V + 106}, n_classes=2, lm_weight=0.5)
+
+
 def test_a_model_without_features_cannot_take_a_classification_head():
     with pytest.raises(UserError, match="cannot take a classification head"):
         SequenceClassifier(build("t5", V + 106), n_classes=2)
@@ -41,18 +62,21 @@ def test_finetune_command_trains_a_head_and_reports_dev_accuracy(tmp_path):
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     ft_dir = tmp_path / "ft"
     proc = run_cli("finetune", f"ckpt_path={ckpt}", "task.max_train_examples=256", "trainer.max_steps=12",
-                   "trainer.val_check_interval=12", "warmup_steps=2", "logger=csv", f"hydra.run.dir={ft_dir}",
-                   cwd=tmp_path, cache=tmp_path / "cache")
+                   "trainer.val_check_interval=12", "warmup_steps=2", "backbone_dropout=0.1", "task.lm_weight=0.5",
+                   "ema.decay=0.9", "logger=csv", f"hydra.run.dir={ft_dir}", cwd=tmp_path, cache=tmp_path / "cache")
     assert "dev accuracy" in proc.stdout and "majority class 0.5092" in proc.stdout
     record = json.loads((ft_dir / "run.json").read_text())
     assert record["steps"] == 12 and 0.0 <= record["final"]["val/accuracy"] <= 1.0
     assert record["parameters"]["trainable"] == record["parameters"]["total"]
-    assert (ft_dir / "checkpoints" / "finetuned.ckpt").stat().st_size > 0
+    finetuned = torch.load(ft_dir / "checkpoints" / "finetuned.ckpt", map_location="cpu", weights_only=False)
+    assert finetuned["hyper_parameters"]["model"]["dropout"] == 0.1  # backbone_dropout replaced the checkpoint's 0.0
+    assert finetuned["hyper_parameters"]["lm_weight"] == 0.5
+    assert any("EMAWeightAveraging" in key for key in finetuned["callbacks"])  # ema.decay saved the average
     for method in ("lora", "adapter", "prompt"):
         out = tmp_path / method
         run_cli("finetune", f"ckpt_path={ckpt}", "task.max_train_examples=128", "trainer.max_steps=4",
                 "trainer.val_check_interval=4", "warmup_steps=1", "logger=csv", f"peft={method}",
-                *(["peft.targets=[c_attn,attn.c_proj,c_fc]"] if method == "lora" else []), f"hydra.run.dir={out}", cwd=tmp_path, cache=tmp_path / "cache")
+                *(["peft.targets=[wte,c_attn,attn.c_proj,c_fc]"] if method == "lora" else []), f"hydra.run.dir={out}", cwd=tmp_path, cache=tmp_path / "cache")
         params = json.loads((out / "run.json").read_text())["parameters"]
         assert params["trainable"] < 0.2 * params["total"], method  # the tiny model: head + method's parameters only
     adapter, full = tmp_path / "lora" / "checkpoints" / "lora_adapter.pt", tmp_path / "lora" / "checkpoints" / "finetuned.ckpt"

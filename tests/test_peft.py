@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lm_lightning.adaptation.peft import (
+    LoRAEmbedding,
     LoRALinear,
     PromptTunedGPT,
     apply_adapters,
@@ -61,6 +62,25 @@ def saved_bytes(state: dict) -> int:
     return buffer.tell()
 
 
+def assert_merge_round_trip(model: torch.nn.Module, frozen: dict, layers: int, changed: str) -> None:
+    """Merged and unmerged logits agree within 1e-5, merging changes the weight ``changed``, and
+    unmerging restores every base weight in ``frozen`` within 1e-6."""
+    model.eval()
+    idx = tokens(50)
+    with torch.no_grad():
+        unmerged = model(idx)
+        assert merge_lora(model) == layers
+        merged = model(idx)
+        merged_weight = model.state_dict()[changed].clone()
+        unmerge_lora(model)
+        again = model(idx)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=0)
+    assert not torch.allclose(merged_weight, frozen[changed], atol=1e-6), "merge changed no weight"
+    for k, v in frozen.items():
+        torch.testing.assert_close(model.state_dict()[k], v, atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------- LoRA
 
 
@@ -105,20 +125,32 @@ def test_lora_merge_unmerge_and_only_lora_trains():
     assert all(torch.equal(state[k], v) for k, v in frozen.items()), "a base weight changed during training"
     assert all(state[k].abs().sum() > 0 for k in lora_keys if k.endswith("lora_B")), "B should have trained away from 0"
 
-    model.eval()
-    idx = tokens(50)
-    with torch.no_grad():
-        unmerged = model(idx)
-        assert merge_lora(model) == 8
-        merged = model(idx)
-        merged_weight = model.h[0].attn.c_attn.weight.clone()
-        unmerge_lora(model)
-        again = model(idx)
-    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
-    torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=0)
-    assert not torch.allclose(merged_weight, frozen["h.0.attn.c_attn.weight"], atol=1e-6), "merge changed no weight"
-    for k, v in frozen.items():
-        torch.testing.assert_close(model.state_dict()[k], v, atol=1e-6, rtol=0)
+    assert_merge_round_trip(model, frozen, layers=8, changed="h.0.attn.c_attn.weight")
+
+
+def test_lora_on_the_token_embedding_trains_a_rank_r_correction_and_merges_when_untied():
+    model = tiny_gpt(tie_embeddings=False)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    assert apply_lora(model, "wte", rank=4, alpha=8.0) == ["wte"]
+    assert isinstance(model.wte, LoRAEmbedding)
+    # A (4, 50) and B (32, 4): 4·(50 + 32) numbers, nothing else trains
+    assert count_trainable(model)[0] == 4 * (50 + 32)
+    train_steps(model, vocab=50)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items()), "a base weight changed"
+    assert model.wte.lora_A.abs().sum() > 0, "A should have trained away from 0"
+    assert_merge_round_trip(model, frozen, layers=1, changed="wte.weight")
+
+
+def test_lora_on_a_tied_embedding_changes_inputs_only_and_refuses_to_merge():
+    model = tiny_gpt()  # wte tied to lm_head
+    apply_lora(model, ["wte", "c_attn"], rank=4)
+    assert model.lm_head.weight is model.wte.weight, "wrapping wte broke the tie"
+    train_steps(model, vocab=50)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match="tied to the output head: merging would change the head too"):
+        merge_lora(model)
+    assert not model.h[0].attn.c_attn.merged, "a refused merge must merge nothing"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_lora_adapter_checkpoint_is_small_and_reproduces_the_logits(tmp_path):
@@ -174,7 +206,7 @@ def test_lora_refuses_a_tied_output_head_and_wraps_an_untied_one():
         apply_lora(tiny_gpt(), "lm_head")
     with pytest.warns(UserWarning, match="skipping lm_head"):
         wrapped = apply_lora(tiny_gpt(), ".*")
-    assert "lm_head" not in wrapped and len(wrapped) == 8
+    assert "lm_head" not in wrapped and len(wrapped) == 10  # 8 linear layers and the embeddings wte, wpe
     untied = tiny_gpt(tie_embeddings=False)
     assert apply_lora(untied, "lm_head") == ["lm_head"]
     assert not untied.wte.weight.requires_grad

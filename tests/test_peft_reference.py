@@ -67,3 +67,30 @@ def test_trainable_parameter_count_matches_peft():
     ours, theirs, _ = lora_pair(rank=8, alpha=16.0)
     peft_trainable, peft_total = theirs.get_nb_trainable_parameters()
     assert count_trainable(ours) == (peft_trainable, peft_total)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_lora_on_the_token_embedding_matches_peft(tie):
+    """LoRA on ``wte`` (peft's ``lora_embedding_A``/``_B``): same logits with the same matrices, same
+    parameter counts; untied, the same merged table as ``merge_and_unload``."""
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, tie_embeddings=tie))
+    ours = copy.deepcopy(base)
+    assert apply_lora(ours, ["wte"], rank=4, alpha=8.0) == ["wte"]
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=["wte"]))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer, reference = ours.wte, theirs.base_model.model.wte
+        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=generator) * 0.1)  # A starts at 0: move it
+        reference.lora_embedding_A["default"].copy_(layer.lora_A)
+        reference.lora_embedding_B["default"].copy_(layer.lora_B)
+    ours.eval(), theirs.eval()
+    idx = torch.randint(64, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), theirs(idx), atol=1e-6, rtol=0)
+        with theirs.disable_adapter():
+            assert (ours(idx) - theirs(idx)).abs().max() > 1e-3
+    assert count_trainable(ours) == theirs.get_nb_trainable_parameters()
+    if not tie:
+        merge_lora(ours)
+        torch.testing.assert_close(ours.wte.weight, theirs.merge_and_unload().wte.weight, atol=1e-6, rtol=0)

@@ -4,6 +4,9 @@ By default (``pool="auto"``) a left-to-right backbone (GPT, prefix LM) is pooled
 token (it has read the whole sequence there) and a bidirectional one (BERT) by the mean over real
 tokens; ``pool="mean"`` averages a decoder's positions too (each has read the sequence up to it). Sequences end with the
 end-of-sequence token, so the last-token pool always reads the same kind of position.
+
+With ``lm_weight`` > 0 a decoder also keeps its next-token loss on the same texts while it learns
+the classes, L = L_class + lm_weight · L_LM (Radford et al. 2018, GPT-1's fine-tuning, λ = 0.5).
 """
 
 from __future__ import annotations
@@ -45,13 +48,36 @@ class SequenceClassifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone.features(ids)  # (B, T, C); right padding is invisible to real causal positions
+        return self.classify(self.backbone.features(ids), lengths)
+
+    def classify(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Class logits from the backbone's hidden states (B, T, C); right padding is invisible to
+        real causal positions and left out of the mean."""
         if self.pool_last:
-            pooled = hidden[torch.arange(ids.size(0), device=ids.device), lengths - 1]
+            pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), lengths - 1]
         else:
-            real = (torch.arange(ids.size(1), device=ids.device)[None] < lengths[:, None]).to(hidden.dtype)
+            real = (torch.arange(hidden.size(1), device=hidden.device)[None] < lengths[:, None]).to(hidden.dtype)
             pooled = (hidden * real[..., None]).sum(1) / real.sum(1, keepdim=True)
         return self.head(self.dropout(pooled))
+
+    def with_lm_loss(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits, mean next-token cross-entropy over the real tokens) from one backbone pass."""
+        lm_head = language_model_head(self.backbone)
+        hidden = self.backbone.features(ids)
+        targets = ids[:, 1:].masked_fill(torch.arange(1, ids.size(1), device=ids.device)[None] >= lengths[:, None], -100)
+        logits = lm_head(hidden[:, :-1])
+        lm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return self.classify(hidden, lengths), lm_loss
+
+
+def language_model_head(backbone: nn.Module) -> nn.Module:
+    """A left-to-right backbone's next-token head (a soft-prompted GPT's is its inner model's)."""
+    head = getattr(backbone, "lm_head", None) or getattr(getattr(backbone, "model", None), "lm_head", None)
+    if head is None or not getattr(backbone, "causal", True):
+        family = getattr(getattr(backbone, "config", None), "family", type(backbone).__name__)
+        raise UserError(f"task.lm_weight needs a left-to-right language model (gpt, prefix_lm); a {family} "
+                        "backbone has no next-token head: set task.lm_weight=0")
+    return head
 
 
 class ClassificationTask(L.LightningModule):
@@ -60,13 +86,18 @@ class ClassificationTask(L.LightningModule):
     def __init__(self, model: Mapping, n_classes: int, dropout: float = 0.1, lr: float = 3e-4,
                  weight_decay: float = 0.01, warmup_steps: int = 100, total_steps: int = 1000, pool: str = "auto",
                  backbone_state: Mapping[str, torch.Tensor] | None = None,
-                 prepare: Callable[[nn.Module], nn.Module] | None = None) -> None:
+                 prepare: Callable[[nn.Module], nn.Module] | None = None, lm_weight: float = 0.0) -> None:
         """``backbone_state``: pre-trained weights (None trains from scratch); ``prepare(backbone)``
         runs after loading them and returns the backbone to use, e.g. with LoRA and frozen weights.
-        The head is added after it, so the head always trains."""
+        The head is added after it, so the head always trains. ``lm_weight``: weight of the auxiliary
+        next-token loss on the training texts (0: classification loss only)."""
         super().__init__()
         self.save_hyperparameters(ignore=["backbone_state", "prepare"])
         self.classifier = SequenceClassifier(load_backbone(model, backbone_state, prepare), n_classes, dropout, pool)
+        if lm_weight < 0:
+            raise UserError(f"task.lm_weight={lm_weight} must be 0 or more")
+        if lm_weight:
+            language_model_head(self.classifier.backbone)  # refuse a backbone without one before training
         self.train_accuracy = MulticlassAccuracy(n_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(n_classes, average="micro")
 
@@ -74,10 +105,15 @@ class ClassificationTask(L.LightningModule):
         return self.classifier(ids, lengths)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["ids"], batch["lengths"])
-        loss = F.cross_entropy(logits, batch["labels"])
+        if self.hparams.lm_weight:
+            logits, lm_loss = self.classifier.with_lm_loss(batch["ids"], batch["lengths"])
+            self.log("train/lm_loss", lm_loss)
+        else:
+            logits, lm_loss = self(batch["ids"], batch["lengths"]), 0.0
+        class_loss = F.cross_entropy(logits, batch["labels"])
+        loss = class_loss + self.hparams.lm_weight * lm_loss
         self.train_accuracy(logits, batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", class_loss, prog_bar=True)
         self.log("train/accuracy", self.train_accuracy)
         return loss
 

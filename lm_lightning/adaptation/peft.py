@@ -3,6 +3,9 @@
 - LoRA (Hu et al. 2021): a linear layer W gets a low-rank update, y = W·x + (α/r)·B·A·x with
   A (r, in) and B (out, r); B starts at zero, so the model is unchanged until it trains. The update
   can be merged into W for inference at no extra cost, and saved alone as a small adapter checkpoint.
+  A token embedding E (vocab, dim) gets the same kind of update, E + (α/r)·(B·A)ᵀ: a rank-r
+  correction to every token's vector, for tasks whose signal is in words the pre-training corpus
+  rarely used (as ``peft``'s LoRA on ``nn.Embedding``).
 - Bottleneck adapters (Houlsby et al. 2019): h + W_up·σ(W_down·h) after a block's feed-forward
   (and/or attention); W_up starts at zero, so again the model is unchanged at the start.
 - Prompt tuning (Lester et al. 2021): n learned embeddings prepended to the input of a frozen GPT.
@@ -33,7 +36,31 @@ ADAPTER_PLACES = ("mlp", "attn", "both")
 # ---------------------------------------------------------------- LoRA
 
 
-class LoRALinear(nn.Module):
+class _Mergeable(nn.Module):
+    """A frozen ``weight`` with a low-rank update ``delta_weight()`` that can be folded into it and back out."""
+
+    weight: nn.Parameter
+    merged: bool
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Adds the update into the base weight (inference at the base layer's cost); idempotent."""
+        if not self.merged:
+            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Takes the update back out of the base weight (to train on, or to swap adapters); idempotent."""
+        if self.merged:
+            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+
+class LoRALinear(_Mergeable):
     """A frozen ``nn.Linear`` plus a trainable low-rank update: (…, in) → (…, out).
 
     The base ``weight`` and ``bias`` are the wrapped layer's own parameters under the same names,
@@ -67,37 +94,72 @@ class LoRALinear(nn.Module):
             return y
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Adds the update into the base weight (inference at the base layer's cost); idempotent."""
-        if not self.merged:
-            self.weight += self.delta_weight().to(self.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Takes the update back out of the base weight (to train on, or to swap adapters); idempotent."""
-        if self.merged:
-            self.weight -= self.delta_weight().to(self.weight.dtype)
-            self.merged = False
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"scaling={self.scaling:g}, merged={self.merged}")
 
 
+class LoRAEmbedding(_Mergeable):
+    """A frozen ``nn.Embedding`` plus a trainable low-rank update: ids (…) → vectors (…, dim).
+
+    ``lora_A`` (r, vocab) starts at zero and ``lora_B`` (dim, r) random, as in ``peft``, so the
+    embedding is unchanged until it trains. When the embedding's weight is tied to an output head
+    (GPT with ``tie_embeddings``), the update changes the inputs only; merging it would change the
+    head too, so ``merge`` refuses.
+    """
+
+    def __init__(self, base: nn.Embedding, rank: int = 8, alpha: float = 16.0, tied: bool = False) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx = base.padding_idx
+        self.rank, self.scaling, self.tied = rank, alpha / rank, tied
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.zeros(rank, self.num_embeddings, **like))
+        self.lora_B = nn.Parameter(torch.randn(self.embedding_dim, rank, **like))
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update (α/r)·(B·A)ᵀ, shape (vocab, dim)."""
+        return (self.lora_B @ self.lora_A).T * self.scaling
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        y = F.embedding(idx, self.weight, self.padding_idx)
+        if self.merged:
+            return y
+        return y + F.embedding(idx, self.lora_A.T) @ self.lora_B.T * self.scaling
+
+    def merge(self) -> None:
+        """Adds the update into the embedding table; idempotent. Refused for a tied table."""
+        if self.tied:
+            raise UserError("this LoRA embedding's weight is tied to the output head: merging would change the "
+                            "head too; keep it unmerged (one rank-r lookup per token) or build the model with "
+                            "tie_embeddings=false")
+        super().merge()
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, scaling={self.scaling:g}, "
+                f"tied={self.tied}, merged={self.merged}")
+
+
+LORA_LAYERS = (LoRALinear, LoRAEmbedding)
+
+
 def apply_lora(model: nn.Module, targets: str | list[str], rank: int = 8, alpha: float = 16.0,
                dropout: float = 0.0) -> list[str]:
-    """Wraps every ``nn.Linear`` named by ``targets`` in a ``LoRALinear`` and freezes the rest of the
-    model; returns the wrapped layers' qualified names.
+    """Wraps every ``nn.Linear`` named by ``targets`` in a ``LoRALinear`` (every ``nn.Embedding`` in a
+    ``LoRAEmbedding``) and freezes the rest of the model; returns the wrapped layers' qualified names.
 
     A target matches a layer's qualified name (``h.0.attn.c_attn``) exactly, as a suffix after a dot
     (``"c_attn"`` matches every ``*.c_attn``), or as a regex with ``re.fullmatch``
-    (``r"h\\.\\d+\\.mlp\\..*"``). A target that matches no linear layer is an error.
+    (``r"h\\.\\d+\\.mlp\\..*"``). A target that matches no linear or embedding layer is an error.
+    ``dropout`` applies to linear layers' LoRA input (an embedding's input is token ids).
 
     A linear layer whose weight is tied to another parameter (GPT's ``lm_head``, tied to ``wte``) is
     never wrapped: merging would change the token embeddings too. Naming only tied layers is an
-    error; a broad regex that also matches one skips it with a warning.
+    error; a broad regex that also matches one skips it with a warning. A tied embedding (``wte``) can
+    be wrapped: its update changes the inputs only, and it cannot be merged.
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
@@ -108,8 +170,8 @@ def apply_lora(model: nn.Module, targets: str | list[str], rank: int = 8, alpha:
         raise UserError(f"LoRA alpha={alpha} must be positive")
     if not 0 <= dropout < 1:
         raise UserError(f"LoRA dropout={dropout} must be in [0, 1)")
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name}
-    wrapped = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) and name}
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)]
     tied = _tied_parameter_ids(model)
     chosen: list[str] = []
     for target in targets:
@@ -117,9 +179,9 @@ def apply_lora(model: nn.Module, targets: str | list[str], rank: int = 8, alpha:
         if not hits:
             if any(name_matches(target, name) for name in wrapped):
                 raise UserError(f"LoRA target '{target}' names layers that already have LoRA; apply it once")
-            raise UserError(f"LoRA target '{target}' matches no nn.Linear layer; the linear layers are named like "
-                            f"{_examples(linears)}")
-        tied_hits = [name for name in hits if id(linears[name].weight) in tied]
+            raise UserError(f"LoRA target '{target}' matches no nn.Linear or nn.Embedding layer; those layers are "
+                            f"named like {_examples(linears)}")
+        tied_hits = [name for name in hits if isinstance(linears[name], nn.Linear) and id(linears[name].weight) in tied]
         if tied_hits and len(tied_hits) == len(hits):
             raise UserError(f"LoRA target '{target}' is {', '.join(tied_hits)}, whose weight is tied to the token "
                             "embedding: merging would change the input embeddings too; build the model with "
@@ -130,14 +192,23 @@ def apply_lora(model: nn.Module, targets: str | list[str], rank: int = 8, alpha:
         chosen += [name for name in hits if name not in tied_hits and name not in chosen]
     for name in chosen:
         parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, LoRALinear(linears[name], rank, alpha, dropout))
+        base = linears[name]
+        if isinstance(base, nn.Embedding):
+            layer = LoRAEmbedding(base, rank, alpha, tied=id(base.weight) in tied)
+        else:
+            layer = LoRALinear(base, rank, alpha, dropout)
+        setattr(model.get_submodule(parent_name), attribute, layer)
     _freeze_all_but_adaptation(model)
     return chosen
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Merges every LoRA update into its base weight; returns the number of LoRA layers."""
+    """Merges every LoRA update into its base weight; returns the number of LoRA layers. Refused,
+    with nothing merged, when one of them is a tied embedding."""
     layers = _lora_layers(model)
+    for layer in layers:
+        if getattr(layer, "tied", False):
+            layer.merge()  # raises: the tied embedding cannot merge
     for layer in layers:
         layer.merge()
     return len(layers)
@@ -189,8 +260,8 @@ def name_matches(target: str, name: str, what: str = "LoRA target") -> bool:
         raise UserError(f"{what} '{target}' is not a valid regular expression: {error}") from None
 
 
-def _lora_layers(model: nn.Module) -> list[LoRALinear]:
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+def _lora_layers(model: nn.Module) -> list[LoRALinear | LoRAEmbedding]:
+    layers = [m for m in model.modules() if isinstance(m, LORA_LAYERS)]
     if not layers:
         raise UserError("the model has no LoRA layers: call apply_lora first")
     return layers
@@ -209,7 +280,7 @@ def _examples(linears: dict[str, nn.Module], limit: int = 8) -> str:
         kinds.setdefault(re.sub(r"\.\d+(?=\.|$)", ".N", name), name)
     names = list(kinds.values())
     more = f", … ({len(linears)} in all)" if len(linears) > len(names[:limit]) else ""
-    return ", ".join(names[:limit]) + more if names else "(none: the model has no nn.Linear layers)"
+    return ", ".join(names[:limit]) + more if names else "(none: the model has no nn.Linear or nn.Embedding layers)"
 
 
 def _few(keys: list[str], limit: int = 4) -> str:
@@ -361,7 +432,7 @@ def _freeze_all_but_adaptation(model: nn.Module) -> None:
     """Only LoRA updates, adapters and soft prompts keep training."""
     keep: set[int] = set()
     for module in model.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LORA_LAYERS):
             keep |= {id(module.lora_A), id(module.lora_B)}
         elif isinstance(module, (Adapter, SoftPrompt)):
             keep |= {id(p) for p in module.parameters()}

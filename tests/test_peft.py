@@ -141,16 +141,19 @@ def test_lora_on_the_token_embedding_trains_a_rank_r_correction_and_merges_when_
     assert_merge_round_trip(model, frozen, layers=1, changed="wte.weight")
 
 
-def test_lora_on_a_tied_embedding_changes_inputs_only_and_refuses_to_merge():
+def test_lora_on_a_tied_embedding_adapts_inputs_only_and_merges_by_untying_the_head():
     model = tiny_gpt()  # wte tied to lm_head
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
     apply_lora(model, ["wte", "c_attn"], rank=4)
     assert model.lm_head.weight is model.wte.weight, "wrapping wte broke the tie"
     train_steps(model, vocab=50)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UserError, match="tied to the output head: merging would change the head too"):
-        merge_lora(model)
-    assert not model.h[0].attn.c_attn.merged, "a refused merge must merge nothing"
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert model.wte.lora_A.abs().sum() > 0, "A should have trained away from 0"
+    merge_lora(model)
+    assert model.lm_head.weight is not model.wte.weight  # merged: the head kept the base table
+    torch.testing.assert_close(model.lm_head.weight, frozen["lm_head.weight"], atol=0, rtol=0)
+    unmerge_lora(model)
+    assert model.lm_head.weight is model.wte.weight, "unmerge should tie the head to the table again"
+    assert_merge_round_trip(model, frozen, layers=3, changed="wte.weight")
 
 
 def test_lora_adapter_checkpoint_is_small_and_reproduces_the_logits(tmp_path):

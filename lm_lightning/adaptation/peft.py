@@ -103,16 +103,19 @@ class LoRAEmbedding(_Mergeable):
     """A frozen ``nn.Embedding`` plus a trainable low-rank update: ids (…) → vectors (…, dim).
 
     ``lora_A`` (r, vocab) starts at zero and ``lora_B`` (dim, r) random, as in ``peft``, so the
-    embedding is unchanged until it trains. When the embedding's weight is tied to an output head
-    (GPT with ``tie_embeddings``), the update changes the inputs only; merging it would change the
-    head too, so ``merge`` refuses.
+    embedding is unchanged until it trains. When the embedding's weight is tied to other layers
+    (``sharers``: GPT's ``lm_head`` with ``tie_embeddings``), the update changes the inputs only; so
+    ``merge`` first gives those layers their own frozen copy of the base table (the merged model then
+    computes what the unmerged one did), and ``unmerge`` ties them to the table again.
     """
 
-    def __init__(self, base: nn.Embedding, rank: int = 8, alpha: float = 16.0, tied: bool = False) -> None:
+    def __init__(self, base: nn.Embedding, rank: int = 8, alpha: float = 16.0,
+                 sharers: list[nn.Module] | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
         self.padding_idx = base.padding_idx
-        self.rank, self.scaling, self.tied = rank, alpha / rank, tied
+        self.rank, self.scaling = rank, alpha / rank
+        self.sharers = list(sharers or [])  # a plain list: not submodules, so not in this layer's state dict
         self.weight = base.weight
         self.weight.requires_grad_(False)
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
@@ -131,16 +134,22 @@ class LoRAEmbedding(_Mergeable):
         return y + F.embedding(idx, self.lora_A.T) @ self.lora_B.T * self.scaling
 
     def merge(self) -> None:
-        """Adds the update into the embedding table; idempotent. Refused for a tied table."""
-        if self.tied:
-            raise UserError("this LoRA embedding's weight is tied to the output head: merging would change the "
-                            "head too; keep it unmerged (one rank-r lookup per token) or build the model with "
-                            "tie_embeddings=false")
+        """Adds the update into the embedding table (a tied head keeps a copy of the base table); idempotent."""
+        if not self.merged:
+            for layer in self.sharers:
+                layer.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=False)
         super().merge()
+
+    def unmerge(self) -> None:
+        """Takes the update back out of the table and ties the sharing layers to it again; idempotent."""
+        if self.merged:
+            super().unmerge()
+            for layer in self.sharers:
+                layer.weight = self.weight
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, scaling={self.scaling:g}, "
-                f"tied={self.tied}, merged={self.merged}")
+                f"tied={bool(self.sharers)}, merged={self.merged}")
 
 
 LORA_LAYERS = (LoRALinear, LoRAEmbedding)
@@ -159,7 +168,7 @@ def apply_lora(model: nn.Module, targets: str | list[str], rank: int = 8, alpha:
     A linear layer whose weight is tied to another parameter (GPT's ``lm_head``, tied to ``wte``) is
     never wrapped: merging would change the token embeddings too. Naming only tied layers is an
     error; a broad regex that also matches one skips it with a warning. A tied embedding (``wte``) can
-    be wrapped: its update changes the inputs only, and it cannot be merged.
+    be wrapped: its update changes the inputs only (see ``LoRAEmbedding``).
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
@@ -194,7 +203,8 @@ def apply_lora(model: nn.Module, targets: str | list[str], rank: int = 8, alpha:
         parent_name, _, attribute = name.rpartition(".")
         base = linears[name]
         if isinstance(base, nn.Embedding):
-            layer = LoRAEmbedding(base, rank, alpha, tied=id(base.weight) in tied)
+            sharers = [m for m in model.modules() if m is not base and getattr(m, "weight", None) is base.weight]
+            layer = LoRAEmbedding(base, rank, alpha, sharers)
         else:
             layer = LoRALinear(base, rank, alpha, dropout)
         setattr(model.get_submodule(parent_name), attribute, layer)
@@ -203,12 +213,8 @@ def apply_lora(model: nn.Module, targets: str | list[str], rank: int = 8, alpha:
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Merges every LoRA update into its base weight; returns the number of LoRA layers. Refused,
-    with nothing merged, when one of them is a tied embedding."""
+    """Merges every LoRA update into its base weight; returns the number of LoRA layers."""
     layers = _lora_layers(model)
-    for layer in layers:
-        if getattr(layer, "tied", False):
-            layer.merge()  # raises: the tied embedding cannot merge
     for layer in layers:
         layer.merge()
     return len(layers)

@@ -8,7 +8,8 @@ import sys
 COMMANDS = {
     "train": ("lm_lightning.train", "train a model from a composed config (conf/train.yaml)"),
     "prepare": ("lm_lightning.prepare", "clean, split and tokenize a corpus into the cache (conf/prepare.yaml)"),
-    "evaluate": ("lm_lightning.evaluate", "loss, perplexity and bits-per-byte of a checkpoint on a text file"),
+    "evaluate": ("lm_lightning.evaluate", "loss, perplexity and bits-per-byte of a checkpoint on a text file "
+                 "(task=zero_shot: as score)"),
     "generate": ("lm_lightning.generate", "sample text from a checkpoint (greedy, top-k, top-p, temperature)"),
     "finetune": ("lm_lightning.finetune", "a classification head on a checkpoint, fine-tuned on a labelled TSV (SST-2 by default)"),
     "score": ("lm_lightning.score", "zero-shot classification accuracy of a checkpoint (default: SST-2 dev) beside the majority class"),
@@ -39,6 +40,9 @@ def main() -> None:
     command = sys.argv[1]
     if command == "scaling" and len(sys.argv) > 2:  # two-word commands: scaling fit, scaling plan
         command = f"scaling {sys.argv.pop(2)}"
+    if command == "evaluate" and "task=zero_shot" in sys.argv[2:]:  # the zero-shot evaluation is `score`
+        command = "score"
+        sys.argv.remove("task=zero_shot")
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)

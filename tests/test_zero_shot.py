@@ -48,6 +48,9 @@ def test_score_command_prints_accuracy_beside_the_majority_baseline(tmp_path):
     assert "40 examples | zero-shot accuracy" in line and "majority-class baseline" in line
     accuracy = float(line.split("zero-shot accuracy ")[1].split()[0])
     assert 0.0 <= accuracy <= 1.0
+    again = run_cli("evaluate", "task=zero_shot", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                    "max_examples=40", cwd=tmp_path, cache=tmp_path / "cache")
+    assert again.stdout.strip().splitlines()[-1] == line  # `evaluate task=zero_shot` is the same command
     bad = run_cli("score", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "label_column=polarity",
                   cwd=tmp_path, cache=tmp_path / "cache", check=False)
     assert bad.returncode == 2 and "has no column 'polarity'" in bad.stderr.strip().splitlines()[-1]

@@ -37,10 +37,15 @@ ADAPTER_PLACES = ("mlp", "attn", "both")
 
 
 class _Mergeable(nn.Module):
-    """A frozen ``weight`` with a low-rank update ``delta_weight()`` that can be folded into it and back out."""
+    """A frozen ``weight`` (the wrapped layer's own parameter) with a low-rank update ``delta_weight()``,
+    scaled by alpha / rank, that can be folded into it and back out."""
 
-    weight: nn.Parameter
-    merged: bool
+    def __init__(self, weight: nn.Parameter, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.rank, self.scaling = rank, alpha / rank
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -68,21 +73,17 @@ class LoRALinear(_Mergeable):
     """
 
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(base.weight, rank, alpha)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.scaling = rank, alpha / rank
-        self.weight = base.weight
         self.register_parameter("bias", base.bias)
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))
         # A as nn.Linear's default init (as the paper's code and peft), B zero: the update B·A starts at 0
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
         """The update (α/r)·B·A, shape (out, in)."""
@@ -111,17 +112,13 @@ class LoRAEmbedding(_Mergeable):
 
     def __init__(self, base: nn.Embedding, rank: int = 8, alpha: float = 16.0,
                  sharers: list[nn.Module] | None = None) -> None:
-        super().__init__()
+        super().__init__(base.weight, rank, alpha)
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
         self.padding_idx = base.padding_idx
-        self.rank, self.scaling = rank, alpha / rank
         self.sharers = list(sharers or [])  # a plain list: not submodules, so not in this layer's state dict
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.zeros(rank, self.num_embeddings, **like))
         self.lora_B = nn.Parameter(torch.randn(self.embedding_dim, rank, **like))
-        self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
         """The update (α/r)·(B·A)ᵀ, shape (vocab, dim)."""
@@ -179,18 +176,18 @@ def apply_lora(model: nn.Module, targets: str | list[str], rank: int = 8, alpha:
         raise UserError(f"LoRA alpha={alpha} must be positive")
     if not 0 <= dropout < 1:
         raise UserError(f"LoRA dropout={dropout} must be in [0, 1)")
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) and name}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) and name}
     wrapped = [name for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)]
     tied = _tied_parameter_ids(model)
     chosen: list[str] = []
     for target in targets:
-        hits = [name for name in linears if name_matches(target, name)]
+        hits = [name for name in layers if name_matches(target, name)]
         if not hits:
             if any(name_matches(target, name) for name in wrapped):
                 raise UserError(f"LoRA target '{target}' names layers that already have LoRA; apply it once")
             raise UserError(f"LoRA target '{target}' matches no nn.Linear or nn.Embedding layer; those layers are "
-                            f"named like {_examples(linears)}")
-        tied_hits = [name for name in hits if isinstance(linears[name], nn.Linear) and id(linears[name].weight) in tied]
+                            f"named like {_examples(layers)}")
+        tied_hits = [name for name in hits if isinstance(layers[name], nn.Linear) and id(layers[name].weight) in tied]
         if tied_hits and len(tied_hits) == len(hits):
             raise UserError(f"LoRA target '{target}' is {', '.join(tied_hits)}, whose weight is tied to the token "
                             "embedding: merging would change the input embeddings too; build the model with "
@@ -201,7 +198,7 @@ def apply_lora(model: nn.Module, targets: str | list[str], rank: int = 8, alpha:
         chosen += [name for name in hits if name not in tied_hits and name not in chosen]
     for name in chosen:
         parent_name, _, attribute = name.rpartition(".")
-        base = linears[name]
+        base = layers[name]
         if isinstance(base, nn.Embedding):
             sharers = [m for m in model.modules() if m is not base and getattr(m, "weight", None) is base.weight]
             layer = LoRAEmbedding(base, rank, alpha, sharers)
@@ -279,13 +276,13 @@ def _tied_parameter_ids(model: nn.Module) -> set[int]:
     return {key for key, n in counts.items() if n > 1}
 
 
-def _examples(linears: dict[str, nn.Module], limit: int = 8) -> str:
+def _examples(layers: dict[str, nn.Module], limit: int = 8) -> str:
     """One name per layer kind (``h.0.attn.c_attn`` for every ``h.N.attn.c_attn``), the first ``limit``."""
     kinds: dict[str, str] = {}
-    for name in linears:
+    for name in layers:
         kinds.setdefault(re.sub(r"\.\d+(?=\.|$)", ".N", name), name)
     names = list(kinds.values())
-    more = f", … ({len(linears)} in all)" if len(linears) > len(names[:limit]) else ""
+    more = f", … ({len(layers)} in all)" if len(layers) > len(names[:limit]) else ""
     return ", ".join(names[:limit]) + more if names else "(none: the model has no nn.Linear or nn.Embedding layers)"
 
 

@@ -1,7 +1,7 @@
 """nanoGPT's training loop, written plainly in PyTorch over the same model, data and schedule as
 ``lm-lightning train experiment=shakespeare_char`` — a reference for loss and speed.
 
-    python benchmarks/nanogpt_loop.py [--steps 2000] [--seed 1337]
+    python benchmarks/nanogpt_loop.py [--steps 2000] [--seed 1337] [--position rope|learned]
 
 It prints the median step time, the whole-loop wall time and the validation loss over the
 whole validation split (the same windows ``lm-lightning`` validates on), so the Lightning path
@@ -32,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--position", default="rope", help="rope (the experiment) or learned (nanoGPT's model)")
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/tinyshakespeare/input.txt"))
     parser.add_argument("--cache", default=str(REPO / ".cache/lm-lightning"))
     args = parser.parse_args()
@@ -48,7 +49,7 @@ def main() -> None:
     train, val = corpus.tokens("train"), corpus.tokens("val")
     block, batch = 64, 12
     model = GPT(GPTConfig(vocab_size=corpus.tokenizer().vocab_size, block_size=block, n_layer=4, n_head=4, n_embd=128,
-                          dropout=0.0, bias=False))
+                          dropout=0.0, bias=False, position=args.position))
     optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.99))
     scheduler = warmup_cosine(optimizer, total_steps=args.steps, warmup_steps=100, min_lr_ratio=0.1)
 

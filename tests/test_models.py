@@ -7,9 +7,12 @@ import math
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
-from lm_lightning.models.gpt import POSITIONS, GPT, GPTConfig, build_gpt
+from lm_lightning.models.gpt import POSITIONS, GPT, GPTConfig
 from lm_lightning.models.layers import Rotary
+from lm_lightning.runtime import CONF_DIR
 
 
 
@@ -57,14 +60,24 @@ def test_bias_adds_eleven_d_per_layer_plus_final_norm():
     assert with_bias.parameter_count().total - without.parameter_count().total == 11 * L * d + d
 
 
-def test_nanogpt_shakespeare_char_config_is_0_80M():
-    model = build_gpt(
-        vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False, tie_embeddings=True
-    )
-    # nanoGPT prints parameters without the position table ("number of parameters: 0.80M")
-    without_positions = model.parameter_count().total - 64 * 128
-    assert without_positions == 795_904
-    assert f"{without_positions / 1e6:.2f}M" == "0.80M"
+def test_the_nanogpt_experiment_keeps_every_listed_setting_and_0_80M():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=shakespeare_char", "paths.output_dir=/tmp/out"])
+    m, data, opt, sched, trainer = cfg.model, cfg.data, cfg.optimizer, cfg.scheduler, cfg.trainer
+    # BASELINES.md's nanoGPT command: 4 layers, 4 heads, width 128, context 64, no biases, tied, no dropout
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.bias, m.tie_embeddings, m.dropout) == (
+        4, 4, 128, 64, False, True, 0.0)
+    assert (data.batch_size, trainer.max_steps, trainer.gradient_clip_val, trainer.accumulate_grad_batches) == (
+        12, 2000, 1.0, 1)
+    assert (opt.lr, list(opt.betas), opt.weight_decay, sched.warmup_steps, sched.min_lr_ratio) == (
+        1e-3, [0.9, 0.99], 0.1, 100, 0.1)
+    assert (cfg.tokenizer.type, data.corpus.split.mode, data.corpus.split.val_fraction) == ("char", "contiguous", 0.1)
+    # nanoGPT prints its parameters without the position table: "number of parameters: 0.80M" for 65 characters
+    for position in ("rope", "learned"):  # the experiment's positions, and nanoGPT's own
+        model = instantiate(m, position=position, vocab_size=65)
+        table = 64 * 128 if position == "learned" else 0
+        assert model.parameter_count().total - table == 795_904
+    assert m.position == "rope"
 
 
 def test_untied_head_adds_V_times_d():

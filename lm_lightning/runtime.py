@@ -36,10 +36,17 @@ CONF_DIR = _conf_dir()
 REPO_DIR = str(Path(CONF_DIR).parent)
 
 
+def _required_value_not_given() -> Any:
+    raise UserError("a value the experiment marks ${required:} was not given: set it on the command line")
+
+
 def _register_resolvers() -> None:
-    """``${repo_dir:}``, and ``${run_name:<experiment>}`` / ``${sweep_group:<experiment>}`` for tracker configs."""
+    """``${repo_dir:}``; ``${required:}``, an experiment's value the user must give; and
+    ``${run_name:<experiment>}`` / ``${sweep_group:<experiment>}`` for tracker configs."""
     if not OmegaConf.has_resolver("repo_dir"):
         OmegaConf.register_new_resolver("repo_dir", lambda: REPO_DIR)
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", _required_value_not_given)
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", lambda experiment: run_identity(experiment)[0])
         OmegaConf.register_new_resolver("sweep_group", lambda experiment: run_identity(experiment)[1])
@@ -133,7 +140,44 @@ def check_overrides(config_name: str, args: list[str]) -> str | None:
             check_train_config(cfg)
         except UserError as err:
             return str(err)
+    printing_only = any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in args)  # --cfg, --help
+    missing = [key for key in _missing_values(cfg) if not key.startswith("hydra.")]
+    if missing and not printing_only:
+        return _required(missing, config_name)
     return None
+
+
+REQUIRED = "${required:}"  # an experiment's required value: ``???`` in an overlay would keep the default
+
+
+def _missing_values(cfg: Any, prefix: str = "") -> list[str]:
+    """Keys the user must still give: ``???`` after composition, or an experiment's ``${required:}``.
+    Read from the unresolved config (some interpolations need a running Hydra app)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    found = []
+    for key, value in cfg.items():
+        if value in ("???", REQUIRED):
+            found.append(f"{prefix}{key}")
+        elif isinstance(value, dict):
+            found += _missing_values(value, f"{prefix}{key}.")
+    return found
+
+
+def _required(keys: list[str], config_name: str) -> str:
+    """One line naming the values the user must give, each described by its config comment:
+    ``ckpt_path is required: lm-lightning evaluate ckpt_path=<a .ckpt written by lm-lightning train>``."""
+    import re
+
+    comments = {}
+    for path in [Path(CONF_DIR) / f"{config_name}.yaml", *sorted((Path(CONF_DIR) / "experiment").glob("*.yaml"))]:
+        for line in path.read_text().splitlines():
+            if found := re.match(r"(\w+):\s*(?:\?\?\?|\$\{required:\})\s*#\s*(?:required:\s*)?(.*)", line):
+                comments.setdefault(found.group(1), found.group(2).strip())
+    names = " and ".join(keys)
+    command = config_name.replace("_", " ")  # scaling_fit -> scaling fit
+    usage = " ".join(f"{key}=<{comments.get(key.rpartition('.')[2], 'value')}>" for key in keys)
+    return f"{names} {'is' if len(keys) == 1 else 'are'} required: lm-lightning {command} {usage}"
 
 
 def _one_line(err: Exception, config_name: str) -> str:

@@ -84,6 +84,26 @@ def test_bad_input_ends_with_one_error_line_and_a_nonzero_exit(tmp_path, overrid
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["evaluate"], "error: ckpt_path and text_file are required: lm-lightning evaluate "
+                       "ckpt_path=<a .ckpt written by lm-lightning train> text_file=<the text to score>"),
+        (["generate"], "error: ckpt_path is required: lm-lightning generate ckpt_path=<a .ckpt written by lm-lightning train>"),
+        # ??? in an experiment overlay would keep train.yaml's null and silently train from scratch
+        (["train", "experiment=continued_pretraining"],
+         "error: init_from is required: lm-lightning train init_from=<the checkpoint to continue from>"),
+    ],
+)
+def test_a_missing_required_value_is_named_with_its_meaning_before_anything_runs(tmp_path, args, message):
+    proc = run_cli(*args, cwd=tmp_path, cache=tmp_path / "cache", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [message]
+    assert not (tmp_path / "outputs").exists()  # refused at composition: no run folder, nothing trained
+    shown = run_cli(*args, "--cfg", "job", cwd=tmp_path, cache=tmp_path / "cache")  # printing the config still works
+    assert "???" in shown.stdout or "${required:}" in shown.stdout
+
+
 def test_empty_corpus_is_refused_and_earlier_outputs_survive(tmp_path, trained_run):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")

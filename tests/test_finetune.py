@@ -71,7 +71,8 @@ def test_finetune_command_trains_a_head_and_reports_dev_accuracy(tmp_path):
     finetuned = torch.load(ft_dir / "checkpoints" / "finetuned.ckpt", map_location="cpu", weights_only=False)
     assert finetuned["hyper_parameters"]["model"]["dropout"] == 0.1  # backbone_dropout replaced the checkpoint's 0.0
     assert finetuned["hyper_parameters"]["lm_weight"] == 0.5
-    assert any("EMAWeightAveraging" in key for key in finetuned["callbacks"])  # ema.decay saved the average
+    assert any("StartedEMA" in key for key in finetuned["callbacks"])
+    assert "averaging_state" in finetuned  # ema.decay saved the average
     for method in ("lora", "adapter", "prompt"):
         out = tmp_path / method
         run_cli("finetune", f"ckpt_path={ckpt}", "task.max_train_examples=128", "trainer.max_steps=4",
@@ -122,3 +123,41 @@ def test_sst2_adaptation_benchmark_runs_the_ready_experiments_and_tabulates_thei
     assert json.loads((out / "lora" / "run.json").read_text())["peft"] == "lora"
     assert "MB (" in rows["lora"] and rows["full"].rstrip().split("|")[-3].strip() == "-"  # only LoRA saves an adapter
     assert "points over scratch" in proc.stdout and "points from full fine-tuning" in proc.stdout
+
+
+def _boring_run(tmp_path, *callbacks):
+    """6 steps of Lightning's BoringModel, validated every 2; its validation losses and final weights."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Recorded(BoringModel):
+        def on_validation_epoch_start(self):
+            self.val_losses.append(0.0)
+
+        def validation_step(self, batch, batch_idx):
+            loss = self.step(batch)
+            self.val_losses[-1] += float(loss)
+            return loss
+
+    torch.manual_seed(0)
+    model = Recorded()
+    model.val_losses = []
+    L.Trainer(max_steps=6, val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=0, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=list(callbacks), default_root_dir=tmp_path).fit(model)
+    return model.val_losses, [p.detach().clone() for p in model.parameters()]
+
+
+def test_ema_stands_in_for_the_weights_only_once_it_has_started(tmp_path):
+    from lm_lightning.finetune import StartedEMA
+
+    plain_losses, plain_weights = _boring_run(tmp_path)
+    # never started (start step beyond the run): validation and the final weights are the live ones
+    late_losses, late_weights = _boring_run(tmp_path, StartedEMA(decay=0.5, update_starting_at_step=100))
+    assert late_losses == plain_losses
+    for late, plain in zip(late_weights, plain_weights):
+        torch.testing.assert_close(late, plain, atol=0, rtol=0)
+    # started at step 2: the first validation is the live weights, the later ones and the end are averaged
+    ema_losses, ema_weights = _boring_run(tmp_path, StartedEMA(decay=0.5, update_starting_at_step=2))
+    assert ema_losses[0] == plain_losses[0] and ema_losses[1:] != plain_losses[1:]
+    assert not torch.equal(ema_weights[0], plain_weights[0])

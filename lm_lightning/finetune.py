@@ -229,7 +229,7 @@ class StartedEMA(EMAWeightAveraging):
             super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if "averaging_state" in checkpoint:  # saved before the average started: nothing of it to restore
+        if "averaging_state" in checkpoint:  # a checkpoint saved before the average started holds none of it
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 

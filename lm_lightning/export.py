@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from lm_lightning.errors import UserError
@@ -323,9 +323,6 @@ def export_to_hf(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = F
 
 @hydra_command("export")
 def main(cfg: DictConfig) -> str:
-    for key in ("ckpt_path", "out_dir"):
-        if OmegaConf.is_missing(cfg, key):
-            raise UserError(f"{key} is required: lm-lightning export ckpt_path=<file.ckpt> out_dir=<folder>")
     set_threads(cfg.get("num_threads"))
     _transformers().utils.logging.disable_progress_bar()  # one summary line, not a bar per file
     return str(export_to_hf(cfg.ckpt_path, cfg.out_dir, overwrite=cfg.overwrite, verify=cfg.verify))

@@ -176,7 +176,7 @@ def _required(keys: list[str], config_name: str) -> str:
                 comments.setdefault(found.group(1), found.group(2).strip())
     names = " and ".join(keys)
     command = config_name.replace("_", " ")  # scaling_fit -> scaling fit
-    usage = " ".join(f"{key}=<{comments.get(key.rpartition('.')[2], 'value')}>" for key in keys)
+    usage = " ".join(f"{key}=<{comments.get(key, 'value')}>" for key in keys)  # comments of top-level keys only
     return f"{names} {'is' if len(keys) == 1 else 'are'} required: lm-lightning {command} {usage}"
 
 

@@ -2,7 +2,7 @@
 word, share of held-out tokens inside the vocabulary (not <unk> or byte fallback), and
 training time. Each row is one ``prepare_corpus`` (cached, so a rerun only prints).
 
-    python benchmarks/compare_tokenizers.py --data conf/data/gutenberg.yaml --max-bytes 10000000 --vocab-size 8192
+    python benchmarks/compare_tokenizers.py --data lm_lightning/conf/data/gutenberg.yaml --max-bytes 10000000 --vocab-size 8192
 
 The same comparison from the CLI, one W&B run per tokenizer in one sweep group:
 ``lm-lightning prepare -m data=gutenberg tokenizer=bpe,unigram,char,word tokenizer.vocab_size=8192``.
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO / "conf/data/gutenberg.yaml", help="a conf/data/*.yaml")
+    parser.add_argument("--data", type=Path, default=REPO / "lm_lightning/conf/data/gutenberg.yaml", help="a conf/data/*.yaml")
     parser.add_argument("--max-bytes", type=int, default=10_000_000, help="bytes of text to use")
     parser.add_argument("--vocab-size", type=int, default=8192, help="pieces, for every type but char")
     parser.add_argument("--types", default="bpe,unigram,char,word")
@@ -33,12 +33,12 @@ def main() -> None:
 
     OmegaConf.register_new_resolver("repo_dir", lambda: str(REPO), replace=True)
     conf = OmegaConf.load(args.data)
-    conf.paths = OmegaConf.load(REPO / "conf/paths/default.yaml")
+    conf.paths = OmegaConf.load(REPO / "lm_lightning/conf/paths/default.yaml")
     data = OmegaConf.to_container(conf.corpus, resolve=True)
     data["source"]["max_bytes"] = args.max_bytes
     rows = []
     for kind in args.types.split(","):
-        tok = {**OmegaConf.to_container(OmegaConf.load(REPO / f"conf/tokenizer/{kind}.yaml")),
+        tok = {**OmegaConf.to_container(OmegaConf.load(REPO / f"lm_lightning/conf/tokenizer/{kind}.yaml")),
                "vocab_size": args.vocab_size, "verbose": False}
         t = prepare_corpus(data, tok, args.cache_dir, num_proc=args.num_proc).report()["tokenizer"]
         rows.append((kind, t["vocab_size"], t["tokens_per_byte"], t["tokens_per_word"], t["coverage"], t["training_seconds"]))

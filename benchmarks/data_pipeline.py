@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--dedup-mb", type=float, default=20.0, help="MB of paragraphs for the dedup comparison (0: skip)")
     args = parser.parse_args()
 
-    data = OmegaConf.load(REPO / "conf/data/gutenberg.yaml").corpus
+    data = OmegaConf.load(REPO / "lm_lightning/conf/data/gutenberg.yaml").corpus
     source = OmegaConf.to_container(data.source)
     source["path"] = "/work/shared/data/gutenberg/gutenberg_en_prose.jsonl.gz"
     cleaning = OmegaConf.to_container(data.cleaning)

@@ -30,7 +30,7 @@ from lm_lightning.compression.quantize import (
     quantize_linears,
     state_dict_bytes,
 )
-from lm_lightning.runtime import load_trained
+from lm_lightning.training.loading import load_trained
 
 DEFAULT_CKPT = "outputs/gutenberg_small/runs/*/checkpoints/best.ckpt"
 

@@ -77,6 +77,6 @@ def command_of_experiment(name: str) -> str:
     (``lm-lightning finetune experiment=sst2_head ...``); train when it names none."""
     import re
 
-    text = (REPO / "conf" / "experiment" / f"{name}.yaml").read_text()
+    text = (REPO / "lm_lightning" / "conf" / "experiment" / f"{name}.yaml").read_text()
     found = re.search(rf"lm-lightning (\w+)[^\n]*experiment={name}\b", text)
     return found.group(1) if found else "train"

@@ -17,7 +17,7 @@ from helpers import SHARED_DATA, run_cli
 from omegaconf import OmegaConf
 
 from lm_lightning.adaptation.instructions import load_instructions, render_prompt
-from lm_lightning.align import align
+from lm_lightning.cli.align import align
 from lm_lightning.alignment.dpo import DPOTask
 from lm_lightning.alignment.kto import KTOTask
 from lm_lightning.alignment.policy import cache_reference_logprobs
@@ -240,7 +240,7 @@ def test_align_experiment_dpo_trains_the_policy_and_reports_accuracy_and_kl(alig
     assert record["final"]["val/kl"] > 0
     header = next((runs["dpo"] / "csv").glob("version_*/metrics.csv")).read_text().splitlines()[0].split(",")
     assert {"train/loss", "train/accuracy", "train/margin", "val/accuracy", "val/margin", "val/kl"} <= set(header)
-    from lm_lightning.runtime import load_trained
+    from lm_lightning.training.loading import load_trained
 
     policy, _ = load_trained(runs["dpo"] / "checkpoints" / "policy.ckpt")  # readable by evaluate/generate
     assert policy.model.config.block_size == 64

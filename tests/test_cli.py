@@ -119,7 +119,7 @@ def test_empty_corpus_is_refused_and_earlier_outputs_survive(tmp_path, trained_r
 
 
 def test_tensorboard_logger_and_module_entry_point(tmp_path):
-    """`python -m lm_lightning.train` is the same app; logger=tensorboard writes event files beside the CSV log."""
+    """`python -m lm_lightning.cli.train` is the same app; logger=tensorboard writes event files beside the CSV log."""
     import subprocess
     import sys
 
@@ -130,7 +130,7 @@ def test_tensorboard_logger_and_module_entry_point(tmp_path):
     assert list((tmp_path / "tb" / "tensorboard").rglob("events.out.tfevents.*"))
     assert (tmp_path / "tb" / "csv" / "version_0" / "metrics.csv").is_file()
     assert "W&B run folder:  (W&B off)" in env_run.stdout
-    proc = subprocess.run([sys.executable, "-m", "lm_lightning.train", "experiment=tiny", "--cfg", "job"],
+    proc = subprocess.run([sys.executable, "-m", "lm_lightning.cli.train", "experiment=tiny", "--cfg", "job"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "experiment_name: tiny" in proc.stdout
 
@@ -139,7 +139,7 @@ def test_evaluate_and_generate_refuse_a_checkpoint_that_fails_its_checksum(train
     import shutil
 
     from lm_lightning.errors import UserError
-    from lm_lightning.runtime import load_trained
+    from lm_lightning.training.loading import load_trained
 
     copy = tmp_path / "last.ckpt"
     shutil.copy(trained_run / "checkpoints" / "last.ckpt", copy)

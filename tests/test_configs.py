@@ -8,11 +8,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lm_lightning.runtime import CONF_DIR, REPO_DIR
+from lm_lightning.config.app import CONF_DIR, REPO_DIR
 
 from helpers import REPO, command_of_experiment
 
-YAMLS = sorted(p for p in (REPO / "conf").rglob("*.yaml")) + sorted((REPO / "sweeps").rglob("*.yaml"))
+YAMLS = sorted(p for p in (REPO / "lm_lightning" / "conf").rglob("*.yaml")) + sorted((REPO / "sweeps").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(REPO)))
@@ -27,7 +27,7 @@ def test_every_option_carries_a_comment(path):
     assert not missing, "options without a comment:\n" + "\n".join(missing)
 
 
-GROUPS = {p.parent.name: sorted(q.stem for q in p.parent.glob("*.yaml")) for p in (REPO / "conf").glob("*/*.yaml")}
+GROUPS = {p.parent.name: sorted(q.stem for q in p.parent.glob("*.yaml")) for p in (REPO / "lm_lightning" / "conf").glob("*/*.yaml")}
 COMMAND_GROUPS = {"task": "finetune", "peft": "finetune"}  # groups only fine-tuning composes
 
 
@@ -53,5 +53,5 @@ def test_every_group_option_composes_into_its_command(group, option):
             OmegaConf.to_container(cfg[key], resolve=True)
 
 
-def test_repo_dir_is_the_folder_holding_conf():
+def test_repo_dir_is_the_source_checkout_holding_the_package():
     assert REPO_DIR == str(REPO)

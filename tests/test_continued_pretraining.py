@@ -8,7 +8,7 @@ import json
 import torch
 
 from helpers import SHARED_DATA, run_cli
-from lm_lightning.runtime import load_trained
+from lm_lightning.training.loading import load_trained
 
 
 def test_continued_pretraining_starts_from_the_checkpoint_on_a_new_corpus(tmp_path):

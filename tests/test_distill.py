@@ -21,10 +21,10 @@ from lm_lightning.compression.distill import (
     soft_target_loss,
 )
 from lm_lightning.data.tokenizer import Tokenizer, train_tokenizer
-from lm_lightning.distill import distill
+from lm_lightning.cli.distill import distill
 from lm_lightning.errors import UserError
 from lm_lightning.models.gpt import build_gpt
-from lm_lightning.runtime import load_trained
+from lm_lightning.training.loading import load_trained
 from lm_lightning.tasks.language_model import LanguageModelTask
 
 V = 24

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm_lightning.estimation import activation_bytes, estimate, per_device
+from lm_lightning.models.memory import activation_bytes, estimate, per_device
 from lm_lightning.models.gpt import build_gpt
 
 from helpers import run_cli

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")  # the [hf] extra, installed 
 
 from lm_lightning.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from lm_lightning.errors import UserError  # noqa: E402
-from lm_lightning.export import export_to_hf, save_hf, target_architecture  # noqa: E402
+from lm_lightning.interop.hf_export import export_to_hf, save_hf, target_architecture  # noqa: E402
 from lm_lightning.models.gpt import GPT, GPTConfig  # noqa: E402
 from lm_lightning.models.recurrent import RecurrentConfig, RecurrentLM  # noqa: E402
 
@@ -119,7 +119,7 @@ def shakespeare() -> str:
 @pytest.mark.parametrize("byte_fallback", [True, False])
 def test_auto_tokenizer_encodes_and_decodes_as_our_tokenizer(tmp_path, shakespeare, kind, byte_fallback):
     # "<", "/" and ">" are in the vocabulary, as in any corpus with code: a unigram model reads a literal "<s>"
-    # as <s> only when one of its characters has no piece (see lm_lightning.export.hf_tokenizer)
+    # as <s> only when one of its characters has no piece (see lm_lightning.interop.hf_export.hf_tokenizer)
     docs = shakespeare[:200_000].split("\n\n") + ["if a < b and b > c: return a / c"] * 20
     path = train_tokenizer(docs, {"type": kind, "vocab_size": 400, "byte_fallback": byte_fallback, "num_threads": 1,
                                   "verbose": False, "character_coverage": 1.0}, tmp_path / "spm")
@@ -163,7 +163,7 @@ def test_export_command_on_a_trained_checkpoint_end_to_end(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                      "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
 
-    from lm_lightning.runtime import load_trained
+    from lm_lightning.training.loading import load_trained
 
     task, tokenizer = load_trained(str(ckpt))
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
@@ -190,7 +190,7 @@ def test_a_missing_checkpoint_is_one_user_error(tmp_path):
 def test_a_checkpoint_of_another_family_is_refused(tmp_path, monkeypatch):
     lstm = RecurrentLM(RecurrentConfig(vocab_size=V, family="lstm", n_layer=1, n_embd=8))
     task = SimpleNamespace(model=lstm, hparams={"model": {"family": "lstm"}}, tokenizer_model=b"")
-    monkeypatch.setattr("lm_lightning.export.load_trained", lambda path: (task, None))
+    monkeypatch.setattr("lm_lightning.interop.hf_export.load_trained", lambda path: (task, None))
     with pytest.raises(UserError, match="holds a lstm model: only model=gpt exports to transformers"):
         export_to_hf(Path("lstm.ckpt"), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

@@ -149,7 +149,7 @@ def _boring_run(tmp_path, *callbacks):
 
 
 def test_ema_stands_in_for_the_weights_only_once_it_has_started(tmp_path):
-    from lm_lightning.finetune import StartedEMA
+    from lm_lightning.training.ema import StartedEMA
 
     plain_losses, plain_weights = _boring_run(tmp_path)
     # never started (start step beyond the run): validation and the final weights are the live ones

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 
 from lm_lightning.models.gpt import POSITIONS, GPT, GPTConfig
 from lm_lightning.models.layers import Rotary
-from lm_lightning.runtime import CONF_DIR
+from lm_lightning.config.app import CONF_DIR
 
 
 

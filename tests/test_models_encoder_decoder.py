@@ -14,7 +14,7 @@ from lm_lightning.errors import UserError
 from lm_lightning.generation import beam_search, generate
 from lm_lightning.models.encoder_decoder import EncoderDecoder, EncoderDecoderConfig, build_encoder_decoder
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[1] / "lm_lightning" / "conf" / "model"
 V, PAD = 40, 0
 
 FLAVOURS = {

@@ -213,7 +213,7 @@ def test_bad_config_names_the_option(build, option):
 
 @pytest.mark.parametrize("name, cls", [(n, RecurrentLM) for n in RECURRENT] + [("ffn", FFNLM)])
 def test_yaml_config_instantiates_and_runs(name, cls):
-    cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+    cfg = OmegaConf.load(REPO / "lm_lightning" / "conf" / "model" / f"{name}.yaml")
     assert cfg.family == name
     model = hydra.utils.instantiate({**OmegaConf.to_container(cfg), "vocab_size": 70})
     assert isinstance(model, cls) and model.config.vocab_size == 70

@@ -11,7 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lm_lightning.errors import UserError
 from lm_lightning.models.gpt import GPT, GPTConfig
 from lm_lightning.objectives.causal_lm import CausalLM
-from lm_lightning.runtime import CONF_DIR
+from lm_lightning.config.app import CONF_DIR
 from lm_lightning.tasks import schedules
 from lm_lightning.tasks.language_model import weight_decay_groups
 
@@ -57,7 +57,7 @@ def test_bad_schedule_settings_name_the_option(make):
         make(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
 
 
-OPTIMIZERS = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml"))
+OPTIMIZERS = sorted(p.stem for p in (REPO / "lm_lightning" / "conf" / "optimizer").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

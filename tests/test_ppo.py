@@ -200,7 +200,7 @@ def test_align_ppo_command_logs_every_update_saves_curves_and_a_policy(tiny_chec
     for name in ("score", "kl", "entropy", "clip_fraction", "value_loss", "policy_loss", "approx_kl"):
         assert f"ppo/{name}" in header, name
     assert len(metrics) - 1 == 6  # one row per update
-    from lm_lightning.runtime import load_trained
+    from lm_lightning.training.loading import load_trained
 
     tuned, _ = load_trained(record["checkpoint"])  # the tuned policy reads like any checkpoint
     pretrained, _ = load_trained(str(tiny_checkpoint))
@@ -210,7 +210,7 @@ def test_align_ppo_command_logs_every_update_saves_curves_and_a_policy(tiny_chec
 def test_a_reward_model_scores_prompt_and_response_and_one_with_another_tokenizer_is_refused(tiny_checkpoint, tmp_path):
     from lm_lightning.alignment.reward import RewardModelTask
     from lm_lightning.data.tokenizer import train_tokenizer
-    from lm_lightning.runtime import load_trained
+    from lm_lightning.training.loading import load_trained
 
     pretrained, tokenizer = load_trained(str(tiny_checkpoint))
 

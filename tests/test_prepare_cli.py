@@ -11,7 +11,7 @@ SHAKESPEARE = "/work/shared/data/tinyshakespeare/input.txt"
 
 def _prepare(tmp_path, *overrides):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, "-m", "lm_lightning.prepare", "data=text", f"data.corpus.source.path={SHAKESPEARE}",
+    return subprocess.run([sys.executable, "-m", "lm_lightning.cli.prepare", "data=text", f"data.corpus.source.path={SHAKESPEARE}",
                            "data.corpus.source.max_bytes=100000", "tokenizer.vocab_size=512", f"paths.cache_dir={tmp_path / 'cache'}",
                            f"hydra.run.dir={tmp_path / 'run'}", *overrides], capture_output=True, text=True, env=env, timeout=120)
 

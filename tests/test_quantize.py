@@ -25,7 +25,7 @@ from lm_lightning.compression.quantize import (
 )
 from lm_lightning.errors import UserError
 from lm_lightning.models.gpt import GPT, GPTConfig
-from lm_lightning.runtime import load_trained
+from lm_lightning.training.loading import load_trained
 from test_zoo import build
 
 V = 50

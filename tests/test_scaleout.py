@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from lm_lightning.errors import UserError
 from lm_lightning.parallel import setup
 from lm_lightning.parallel.setup import build_strategy, check_precision, micro_batch_size
-from lm_lightning.runtime import CONF_DIR
+from lm_lightning.config.app import CONF_DIR
 
 from helpers import REPO, run_cli, step_losses
 
@@ -58,7 +58,7 @@ def test_sharded_fsdp2_checkpoint_resumes_with_another_world_size(runs, referenc
 
 def test_sharded_checkpoint_loads_in_the_single_process_path(runs):
     from lm_lightning.parallel.checkpoint import consolidate_checkpoint
-    from lm_lightning.runtime import load_trained
+    from lm_lightning.training.loading import load_trained
 
     folder = runs.root / "resume-2-1" / "checkpoints" / "last.ckpt"  # written by the resume test, when it ran
     if not folder.is_dir():
@@ -85,8 +85,8 @@ def _compose(*overrides: str):
         return compose(config_name="train", overrides=[*overrides, "paths.output_dir=/tmp/out"])
 
 
-STRATEGIES = sorted(p.stem for p in (REPO / "conf" / "strategy").glob("*.yaml"))
-PRECISIONS = sorted(p.stem for p in (REPO / "conf" / "precision").glob("*.yaml"))
+STRATEGIES = sorted(p.stem for p in (REPO / "lm_lightning" / "conf" / "strategy").glob("*.yaml"))
+PRECISIONS = sorted(p.stem for p in (REPO / "lm_lightning" / "conf" / "precision").glob("*.yaml"))
 
 
 def test_every_strategy_and_precision_option_is_covered_here():

@@ -101,6 +101,6 @@ def test_each_wandb_sweep_drives_the_hydra_sweep_of_the_same_name(name):
     with initialize_config_dir(config_dir=str(REPO / "sweeps"), version_base="1.3"):
         for values in itertools.product(*grid.values()):
             overrides = [f"{k}={v}" for k, v in zip(grid, values)]
-            cfg = compose(config_name=name, overrides=[*overrides, f"hydra.searchpath=[file://{REPO / 'conf'}]"])
+            cfg = compose(config_name=name, overrides=[*overrides, f"hydra.searchpath=[file://{REPO / 'lm_lightning' / 'conf'}]"])
             for k, v in zip(grid, values):
                 assert float(OmegaConf.select(cfg, k)) == float(v)

@@ -8,15 +8,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lm_lightning.compat import VALID_OBJECTIVES, check_compatible, valid_pairs
+from lm_lightning.models.capabilities import VALID_OBJECTIVES, check_compatible, valid_pairs
 from lm_lightning.errors import IncompatiblePair
 from lm_lightning.generation import decoding_view, generate, generate_text, is_generative
 from lm_lightning.models.encoder import Encoder, EncoderConfig
 from lm_lightning.models.gpt import GPT, GPTConfig
 from lm_lightning.models.layers import MoEFeedForward
-from lm_lightning.objectives.noising import SpecialTokens
+from lm_lightning.objectives.special_tokens import SpecialTokens
 
-CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
+CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "lm_lightning" / "conf"
 V = 40  # tokenizer vocabulary of the synthetic batches
 
 MODEL_OF_FAMILY = {"gpt": "gpt", "prefix_lm": "prefix_lm", "bert": "bert", "t5": "t5", "bart": "bart", "rnn": "rnn",

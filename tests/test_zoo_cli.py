@@ -6,12 +6,12 @@ import json
 
 from helpers import REPO, command_of_experiment, run_cli
 
-ALL_EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+ALL_EXPERIMENTS = sorted(p.stem for p in (REPO / "lm_lightning" / "conf" / "experiment").glob("*.yaml"))
 # training experiments that run from the default config alone: not those of other commands (finetune, align, ...),
 # not continued pretraining (it needs a checkpoint: tests/test_continued_pretraining.py), and not those on the
 # whole Gutenberg corpus (minutes to prepare; they compose in tests/test_configs.py)
 EXPERIMENTS = [e for e in ALL_EXPERIMENTS if command_of_experiment(e) == "train" and e != "continued_pretraining"
-               and "override /data: gutenberg" not in (REPO / "conf" / "experiment" / f"{e}.yaml").read_text()]
+               and "override /data: gutenberg" not in (REPO / "lm_lightning" / "conf" / "experiment" / f"{e}.yaml").read_text()]
 ONE_BATCH = ["trainer.max_steps=1", "scheduler.warmup_steps=0", "trainer.val_check_interval=1",
              "trainer.limit_val_batches=1", "data.batch_size=2", "data.val_batch_size=2", "sample.max_new_tokens=4",
              "logger=csv", "callbacks.last_checkpoint.every_n_train_steps=1"]

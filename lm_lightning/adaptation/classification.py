@@ -11,7 +11,9 @@ the classes, L = L_class + lm_weight · L_LM (Radford et al. 2018, GPT-1's fine-
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -22,11 +24,28 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
+from lm_lightning.adaptation.batching import right_pad
+from lm_lightning.adaptation.optimization import adamw_linear_schedule
 from lm_lightning.errors import UserError
 
 POOLS = ("auto", "last", "mean")
-from lm_lightning.adaptation.batching import right_pad
-from lm_lightning.adaptation.optimization import adamw_linear_schedule
+
+
+def read_labelled_tsv(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[int]]:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path} (pass data_file=<a TSV with a header row>)")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise UserError(f"{path} has no rows")
+    for column in (text_column, label_column):
+        if column not in rows[0]:
+            raise UserError(f"{path} has no column {column!r}: its columns are {', '.join(rows[0])}")
+    try:
+        labels = [int(row[label_column]) for row in rows]
+    except ValueError as err:
+        raise UserError(f"{path}: column {label_column!r} must hold integer labels ({err})") from err
+    return [row[text_column].strip() for row in rows], labels
 
 
 class SequenceClassifier(nn.Module):

@@ -46,7 +46,8 @@ from lm_lightning.adaptation.batching import right_pad
 from lm_lightning.alignment.policy import save_policy_checkpoint
 from lm_lightning.errors import UserError
 from lm_lightning.generation.sampling import generate
-from lm_lightning.runtime import instantiate_group, load_trained, plain, run_identity, set_threads
+from lm_lightning.config.app import instantiate_group, plain, run_identity, set_threads
+from lm_lightning.training.loading import load_trained
 from lm_lightning.tasks.language_model import weight_decay_groups
 from lm_lightning.tracking.records import plt, write_run_record
 

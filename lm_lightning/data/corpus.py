@@ -49,9 +49,9 @@ from lm_lightning.data.parallel import batched, ordered_map
 from lm_lightning.data.report import REPORT_FILE, build_report
 from lm_lightning.data.sources import describe_source, iter_documents, plain_config
 from lm_lightning.data.tokenizer import Tokenizer, train_tokenizer
-from lm_lightning.hashing import file_sha256
+from lm_lightning.data.hashing import file_sha256
 from lm_lightning.errors import UserError
-from lm_lightning.hashing import file_sha256
+from lm_lightning.data.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lm_lightning.errors import UserError
-from lm_lightning.hashing import file_sha256
+from lm_lightning.data.hashing import file_sha256
 
 
 def _sidecar(path: Path) -> Path:

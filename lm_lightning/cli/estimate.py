@@ -11,8 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lm_lightning.estimation import STRATEGIES, estimate, per_device
-from lm_lightning.runtime import hydra_command, plain
+from lm_lightning.models.memory import STRATEGIES, estimate, per_device
+from lm_lightning.config.app import hydra_command, plain
 
 GB = 1e9
 

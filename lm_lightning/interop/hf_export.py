@@ -1,5 +1,4 @@
-"""``lm-lightning export ckpt_path=<file.ckpt> out_dir=<folder>``: a trained GPT as a Hugging Face
-``transformers`` folder (``config.json``, ``model.safetensors``, the tokenizer) that
+"""A trained GPT as a Hugging Face ``transformers`` folder (``config.json``, ``model.safetensors``, the tokenizer) that
 ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads and runs with the platform's logits.
 
 Each exportable GPT configuration computes exactly what one transformers architecture computes
@@ -25,12 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from lm_lightning.errors import UserError
 from lm_lightning.models.gpt import GPT, GPTConfig
-from lm_lightning.runtime import hydra_command, load_trained, set_threads
+from lm_lightning.training.loading import load_trained
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -171,7 +169,7 @@ def _llama(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
 _LAYOUTS = {"gpt2": _gpt2, "gpt_neox": _gpt_neox, "llama": _llama}
 
 
-def _transformers():
+def transformers_module():
     try:
         import transformers
     except ImportError:
@@ -185,7 +183,7 @@ def to_transformers(model: GPT, special_ids: dict[str, int | None] | None = None
     ``special_ids``: ``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` for its config (None: unset).
     """
     arch = target_architecture(model.config)
-    transformers = _transformers()
+    transformers = transformers_module()
     layout, state = _LAYOUTS[arch](model)
     state["lm_head.weight"] = model.lm_head.weight  # the same tensor as the embedding when tied
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(special_ids or {})}
@@ -241,7 +239,7 @@ def hf_tokenizer(model_proto: bytes, max_length: int) -> PreTrainedTokenizerFast
                           for piece, _, piece_type in pieces if piece_type == _USER_DEFINED])
     named = {f"{name}_token": pieces[i][0] for name, i in
              (("unk", spec.unk_id), ("bos", spec.bos_id), ("eos", spec.eos_id), ("pad", spec.pad_id)) if i >= 0}
-    return _transformers().PreTrainedTokenizerFast(
+    return transformers_module().PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, split_special_tokens=True, model_max_length=max_length, **named)
 
 
@@ -283,7 +281,7 @@ def save_hf(model: GPT, out_dir: str | Path, tokenizer_model: bytes | None = Non
 def max_logit_difference(model: GPT, folder: str | Path, ids: torch.Tensor) -> float:
     """Largest |logit| difference between ``model`` and the folder loaded by
     ``AutoModelForCausalLM.from_pretrained``, both in float32, on token ids (B, T)."""
-    hf = _transformers().AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = transformers_module().AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ours = model if model.wte.weight.dtype == torch.float32 else copy.deepcopy(model).float()
     with torch.no_grad():
         return (hf(ids).logits - ours.eval()(ids)).abs().max().item()
@@ -302,7 +300,7 @@ def export_to_hf(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = F
         family = (task.hparams.get("model") or {}).get("family", type(model).__name__)
         raise UserError(f"checkpoint {ckpt_path} holds a {family} model: only model=gpt exports to transformers")
     arch = target_architecture(model.config)
-    _transformers()
+    transformers_module()
     folder = Path(out_dir)
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not overwrite)):
         raise UserError(f"out_dir={folder} exists and is not an empty folder: pass another out_dir, or overwrite=true")
@@ -314,19 +312,8 @@ def export_to_hf(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = F
         difference = max_logit_difference(model, folder, ids)
         if difference > TOLERANCE:
             raise RuntimeError(f"the exported model's logits differ from the checkpoint's by {difference:.2e} "
-                               f"(> {TOLERANCE}): a bug in lm_lightning/export.py's {arch} layout")
+                               f"(> {TOLERANCE}): a bug in lm_lightning/interop/hf_export.py's {arch} layout")
         report += f" | max |logit difference| {difference:.1e} on {ids.numel()} tokens"
     tokenizer = "tokenizer.json + tokenizer.model" if (folder / "tokenizer.json").exists() else "tokenizer.model"
     print(f"{report} | {tokenizer}", flush=True)
     return folder
-
-
-@hydra_command("export")
-def main(cfg: DictConfig) -> str:
-    set_threads(cfg.get("num_threads"))
-    _transformers().utils.logging.disable_progress_bar()  # one summary line, not a bar per file
-    return str(export_to_hf(cfg.ckpt_path, cfg.out_dir, overwrite=cfg.overwrite, verify=cfg.verify))
-
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 
 from lm_lightning.data.datamodule import WindowDataset, WindowSampler
 from lm_lightning.errors import UserError
-from lm_lightning.runtime import hydra_command, load_trained, set_threads
+from lm_lightning.config.app import hydra_command, set_threads
+from lm_lightning.training.loading import load_trained
 from lm_lightning.tasks.metrics import LanguageModelMetrics
 
 

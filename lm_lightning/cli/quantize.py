@@ -35,7 +35,8 @@ from lm_lightning.compression.quantize import (
 )
 from lm_lightning.data.datamodule import LMDataModule
 from lm_lightning.errors import UserError
-from lm_lightning.runtime import hydra_command, instantiate_group, load_trained, plain, run_identity, set_threads
+from lm_lightning.config.app import hydra_command, instantiate_group, plain, run_identity, set_threads
+from lm_lightning.training.loading import load_trained
 from lm_lightning.tasks.language_model import LanguageModelTask
 from lm_lightning.tasks.metrics import LanguageModelMetrics
 from lm_lightning.tracking.records import write_run_record

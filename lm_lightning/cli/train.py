@@ -22,29 +22,22 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 
-from lm_lightning.compat import family_of
-from lm_lightning.config_checks import check_train_config
+from lm_lightning.models.capabilities import family_of
+from lm_lightning.config.checks import check_train_config
 from lm_lightning.data.corpus import unigram_entropy
 from lm_lightning.data.datamodule import LMDataModule
 from lm_lightning.generation import generate_text, is_generative
 from lm_lightning.parallel.setup import build_strategy, check_precision, micro_batch_size, world_size
 from lm_lightning.errors import UserError
-from lm_lightning.runtime import (
-    hydra_command,
-    instantiate_group,
-    load_trained,
-    plain,
-    resolve_checkpoint,
-    run_identity,
-    set_threads,
-)
+from lm_lightning.config.app import hydra_command, instantiate_group, plain, run_identity, set_threads
+from lm_lightning.training.loading import load_trained, resolve_checkpoint
 from lm_lightning.scaling.budget import describe_plan, plan_budget, shape_for_depth
 from lm_lightning.tasks.language_model import LanguageModelTask
 from lm_lightning.tracking.records import plot_loss_curves, write_run_record
 from lm_lightning.tracking.sweep import sweep_row
 from lm_lightning.training.checkpoint_io import AtomicCheckpointIO
 
-log = logging.getLogger("lm_lightning.train")
+log = logging.getLogger("lm_lightning.cli.train")
 
 
 def train(cfg: DictConfig, task_class: Callable[..., LanguageModelTask] = LanguageModelTask) -> dict[str, Any]:

@@ -6,7 +6,8 @@ import torch
 from omegaconf import DictConfig
 
 from lm_lightning.generation import generate_text
-from lm_lightning.runtime import hydra_command, load_trained, set_threads
+from lm_lightning.config.app import hydra_command, set_threads
+from lm_lightning.training.loading import load_trained
 
 
 def generate(cfg: DictConfig) -> list[str]:

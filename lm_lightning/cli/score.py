@@ -3,32 +3,16 @@ labelled TSV (default: SST-2 dev), next to the majority-class baseline."""
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from lm_lightning.adaptation.classification import read_labelled_tsv
 from lm_lightning.adaptation.zero_shot import classify
 from lm_lightning.errors import UserError
-from lm_lightning.runtime import hydra_command, load_trained, set_threads
-
-
-def read_labelled_tsv(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[int]]:
-    if not path.is_file():
-        raise UserError(f"data file not found: {path} (pass data_file=<a TSV with a header row>)")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not rows:
-        raise UserError(f"{path} has no rows")
-    for column in (text_column, label_column):
-        if column not in rows[0]:
-            raise UserError(f"{path} has no column {column!r}: its columns are {', '.join(rows[0])}")
-    try:
-        labels = [int(row[label_column]) for row in rows]
-    except ValueError as err:
-        raise UserError(f"{path}: column {label_column!r} must hold integer labels ({err})") from err
-    return [row[text_column].strip() for row in rows], labels
+from lm_lightning.config.app import hydra_command, set_threads
+from lm_lightning.training.loading import load_trained
 
 
 def score(cfg: DictConfig) -> dict[str, float]:

@@ -15,15 +15,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lm_lightning import train as training
+from lm_lightning.cli import train as training
 from lm_lightning.compression.distill import DistillationConfig, DistillationTask, check_same_tokenizer
 from lm_lightning.data.tokenizer import Tokenizer
 from lm_lightning.errors import UserError
-from lm_lightning.runtime import hydra_command, load_trained, plain, set_threads
+from lm_lightning.config.app import hydra_command, plain, set_threads
+from lm_lightning.training.loading import load_trained
 from lm_lightning.tracking.records import write_run_record
 from lm_lightning.tracking.sweep import sweep_row
 
-log = logging.getLogger("lm_lightning.distill")
+log = logging.getLogger("lm_lightning.cli.distill")
 
 
 def distill(cfg: DictConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from lm_lightning.data.corpus import PreparedCorpus, prepare_corpus
 from lm_lightning.data.report import format_report, log_report
-from lm_lightning.runtime import hydra_command, plain
+from lm_lightning.config.app import hydra_command, plain
 
 
 def prepare(cfg: DictConfig) -> PreparedCorpus:

@@ -1,4 +1,4 @@
-"""``lm-lightning scaling fit runs=[<folders>]``: fitted scaling laws from the run records of any sweep.
+"""Scaling laws fitted from the run records of any sweep (``lm-lightning scaling fit``).
 
 Reads every finished run under the folders, fits what the runs can support — L(N), L(D), L(C)
 power laws, the parametric L(N, D) of Hoffmann et al. (2022), IsoFLOP minima and the
@@ -18,8 +18,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lm_lightning.errors import UserError
-from lm_lightning.runtime import hydra_command
-from lm_lightning.scaling import fit as fitting
+from lm_lightning.scaling.chinchilla import fit_chinchilla
+from lm_lightning.scaling.isoflop import fit_isoflop
+from lm_lightning.scaling.plots import plot_frontier, plot_isoflop, plot_power_law
+from lm_lightning.scaling.power_law import fit_power_law
 from lm_lightning.scaling.collect import RunPoint, collect_runs
 from lm_lightning.tracking.records import write_run_record
 
@@ -41,17 +43,17 @@ def scaling_fit(cfg: DictConfig) -> dict[str, Any]:
         if len(np.unique(values)) < 3:
             log.info("L(%s): fewer than 3 distinct values of %s, skipped", axis, axis)
             continue
-        law = fitting.fit_power_law(values, loss, irreducible=cfg.irreducible, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+        law = fit_power_law(values, loss, irreducible=cfg.irreducible, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
         results[f"L({axis})"] = law.as_dict()
         rows.append(_law_row(f"L({axis})", law))
-        plots.append(fitting.plot_power_law(law, values, loss, AXES[axis], out_dir / f"loss_vs_{axis}.png"))
+        plots.append(plot_power_law(law, values, loss, AXES[axis], out_dir / f"loss_vs_{axis}.png"))
 
     if cfg.holdout_largest and len({p.N for p in points}) >= 4:
         results["holdout"] = _holdout_largest(points, cfg)
         rows.append(results["holdout"]["row"])
 
     if len({p.N for p in points}) >= 2 and len({p.D for p in points}) >= 2 and len(points) >= 6:
-        ch = fitting.fit_chinchilla(np.array([p.N for p in points], float), np.array([p.D for p in points], float), loss,
+        ch = fit_chinchilla(np.array([p.N for p in points], float), np.array([p.D for p in points], float), loss,
                                     n_bootstrap=cfg.n_bootstrap_chinchilla, seed=cfg.seed)
         results["L(N,D)"] = ch.as_dict()
         rows.append({"law": "L(N,D)", "exponent": f"alpha {ch.alpha:.3f} {_ci(ch.alpha_ci)}, beta {ch.beta:.3f} {_ci(ch.beta_ci)}",
@@ -65,9 +67,9 @@ def scaling_fit(cfg: DictConfig) -> dict[str, Any]:
                      "r2": None, "loo": None})
         rows.append({"law": "D_opt ∝ C^b", "exponent": f"b {iso.b:.3f} {_ci(iso.b_ci)}", "constant": "",
                      "r2": None, "loo": None})
-        plots.append(fitting.plot_isoflop(iso, [{"C": p.budget, "N": p.N, "loss": p.loss} for p in budgets],
+        plots.append(plot_isoflop(iso, [{"C": p.budget, "N": p.N, "loss": p.loss} for p in budgets],
                                           out_dir / "isoflop.png"))
-        plots.append(fitting.plot_frontier(iso, out_dir / "frontier.png"))
+        plots.append(plot_frontier(iso, out_dir / "frontier.png"))
 
     if not rows:
         raise UserError(f"scaling fit: the {len(points)} runs found vary too little to fit a law "
@@ -83,7 +85,7 @@ def scaling_fit(cfg: DictConfig) -> dict[str, Any]:
 def _isoflop(budgets: list[RunPoint], cfg: DictConfig):
     """The IsoFLOP fit, or None (with the reason logged) when fewer than two budgets give a usable minimum."""
     try:
-        return fitting.fit_isoflop([{"C": p.budget, "N": p.N, "D": p.D, "loss": p.loss} for p in budgets],
+        return fit_isoflop([{"C": p.budget, "N": p.N, "D": p.D, "loss": p.loss} for p in budgets],
                                    n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
     except ValueError as err:
         log.warning("IsoFLOP fit skipped: %s", err)
@@ -105,7 +107,7 @@ def _holdout_largest(points: list[RunPoint], cfg: DictConfig) -> dict[str, Any]:
     largest = max(p.N for p in points)
     train = [p for p in points if p.N != largest]
     held = [p for p in points if p.N == largest]
-    law = fitting.fit_power_law(np.array([p.N for p in train], float), np.array([p.loss for p in train]),
+    law = fit_power_law(np.array([p.N for p in train], float), np.array([p.loss for p in train]),
                                 irreducible=cfg.irreducible, n_bootstrap=0, seed=cfg.seed)
     actual = float(np.mean([p.loss for p in held]))
     predicted = float(law.predict(largest))
@@ -153,12 +155,3 @@ def _log_to_wandb(cfg: DictConfig, rows: list[dict], results: dict, plots: list[
     run.summary.update({k: v for k, v in json.loads((out_dir / "fits.json").read_text()).items() if k != "runs"})
     run.finish()
     print(f"W&B run folder: {Path(run.dir).parent}", flush=True)
-
-
-@hydra_command("scaling_fit")
-def main(cfg: DictConfig) -> None:
-    scaling_fit(cfg)
-
-
-if __name__ == "__main__":
-    main()

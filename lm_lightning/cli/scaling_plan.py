@@ -7,7 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lm_lightning.errors import UserError
 from lm_lightning.parallel.setup import world_size
-from lm_lightning.runtime import hydra_command
+from lm_lightning.config.app import hydra_command
 from lm_lightning.scaling.budget import Plan, describe_plan, plan_budget
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from lm_lightning.compat import check_compatible
+from lm_lightning.models.capabilities import check_compatible
 from lm_lightning.errors import UserError
 from lm_lightning.models.gpt import POSITIONS
 from lm_lightning.models.layers import ACTIVATIONS, NORM_POSITIONS, NORMS

@@ -1,0 +1,123 @@
+"""What every command shares: the config folder, Hydra resolvers, the error contract, logger and callback groups."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lm_lightning.errors import IncompatiblePair, UserError
+from lm_lightning.tracking.sweep import JobFailure, JobSkipped
+
+log = logging.getLogger("lm_lightning")
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # installed with the package (lm_lightning/conf)
+REPO_DIR = str(Path(CONF_DIR).parents[1])  # the source checkout of an editable install: ${repo_dir:}/../shared/data
+
+
+def _required_value_not_given() -> Any:
+    raise UserError("a value the experiment marks ${required:} was not given: set it on the command line")
+
+
+def _register_resolvers() -> None:
+    """``${repo_dir:}``; ``${required:}``, an experiment's value the user must give; and
+    ``${run_name:<experiment>}`` / ``${sweep_group:<experiment>}`` for tracker configs."""
+    if not OmegaConf.has_resolver("repo_dir"):
+        OmegaConf.register_new_resolver("repo_dir", lambda: REPO_DIR)
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", _required_value_not_given)
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", lambda experiment: run_identity(experiment)[0])
+        OmegaConf.register_new_resolver("sweep_group", lambda experiment: run_identity(experiment)[1])
+
+
+_register_resolvers()
+
+
+def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """Turns ``fn(cfg)`` into a Hydra app over ``conf/<config_name>.yaml``.
+
+    A :class:`UserError` ends the command with one line ``error: <message>`` and exit status 2,
+    not a traceback; in a multirun the failing job is reported and the sweep goes on.
+    """
+
+    def decorate(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        @functools.wraps(fn)
+        def task(cfg: DictConfig) -> Any:
+            multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+            try:
+                return fn(cfg)
+            except Exception as err:
+                if user_error := _user_error(err):
+                    print(f"error: {user_error}", file=sys.stderr, flush=True)
+                    if multirun:
+                        # a grid over families x objectives skips the pairs that cannot train together
+                        kind = JobSkipped if isinstance(user_error, IncompatiblePair) else JobFailure
+                        return kind(str(user_error))
+                    sys.exit(2)
+                if not multirun:
+                    raise
+                # a crashed job is logged in full and reported; the sweep goes on with the next job
+                log.exception("job failed")
+                return JobFailure(f"{type(err).__name__}: {err}")
+
+        app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(task)
+
+        @functools.wraps(fn)
+        def entry() -> Any:
+            from lm_lightning.config.overrides import check_overrides
+
+            problem = check_overrides(config_name, sys.argv[1:])
+            if problem:
+                print(f"error: {problem}", file=sys.stderr, flush=True)
+                sys.exit(2)
+            return app()
+
+        return entry
+
+    return decorate
+
+
+def _user_error(err: BaseException) -> UserError | None:
+    """The UserError behind ``err``, also when Hydra's instantiate wrapped it."""
+    while err is not None:
+        if isinstance(err, UserError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiates every entry with a ``_target_`` in a group such as ``logger`` or ``callbacks``; null entries are off."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def run_identity(experiment: str) -> tuple[str, str | None]:
+    """(run name, sweep group) for trackers: named from the job's overrides, grouped by the multirun sweep."""
+    hc = HydraConfig.get()
+    overrides = hc.job.override_dirname
+    name = f"{experiment}-{overrides}" if overrides else experiment
+    if hc.mode != RunMode.MULTIRUN:
+        return name, None
+    return name, f"{experiment}-{Path(hc.sweep.dir).name}"
+
+
+def plain(cfg: Any) -> Any:
+    """DictConfig → plain containers, resolved."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def set_threads(num_threads: int | None) -> None:
+    if num_threads:
+        torch.set_num_threads(num_threads)

@@ -1,0 +1,113 @@
+"""Command-line overrides checked before Hydra runs: one line naming the key, the choices or the value to give."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lm_lightning.config.app import CONF_DIR
+from lm_lightning.errors import UserError
+
+
+def check_overrides(config_name: str, args: list[str]) -> str | None:
+    """Composes the config once with the command-line overrides; returns a one-line problem or None.
+
+    Hydra reports a bad override over several lines; users get one line that names the key and
+    the valid choices. Sweeps (``a=1,2``) are checked with their first value.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    overrides = []
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg or arg.startswith("hydra"):
+            continue  # flags (-m, --cfg job) and Hydra's own settings are Hydra's to check
+        try:
+            override = parser.parse_override(arg)
+        except OverrideParseException as err:
+            return f"cannot parse override {arg!r}: {str(err).splitlines()[0]}"
+        if override.is_sweep_override():
+            arg = f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
+        overrides.append(arg)
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+    except (ConfigCompositionException, MissingConfigException) as err:
+        return _one_line(err, config_name)
+    if config_name == "train":
+        from lm_lightning.config.checks import check_train_config
+
+        try:
+            check_train_config(cfg)
+        except UserError as err:
+            return str(err)
+    printing_only = any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in args)  # --cfg, --help
+    missing = [key for key in _missing_values(cfg) if not key.startswith("hydra.")]
+    if missing and not printing_only:
+        return _required(missing, config_name)
+    return None
+
+
+REQUIRED = "${required:}"  # an experiment's required value: ``???`` in an overlay would keep the default
+
+
+def _missing_values(cfg: Any, prefix: str = "") -> list[str]:
+    """Keys the user must still give: ``???`` after composition, or an experiment's ``${required:}``.
+    Read from the unresolved config (some interpolations need a running Hydra app)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    found = []
+    for key, value in cfg.items():
+        if value in ("???", REQUIRED):
+            found.append(f"{prefix}{key}")
+        elif isinstance(value, dict):
+            found += _missing_values(value, f"{prefix}{key}.")
+    return found
+
+
+def _required(keys: list[str], config_name: str) -> str:
+    """One line naming the values the user must give, each described by its config comment:
+    ``ckpt_path is required: lm-lightning evaluate ckpt_path=<a .ckpt written by lm-lightning train>``."""
+    import re
+
+    comments = {}
+    for path in [Path(CONF_DIR) / f"{config_name}.yaml", *sorted((Path(CONF_DIR) / "experiment").glob("*.yaml"))]:
+        for line in path.read_text().splitlines():
+            if found := re.match(r"(\w+):\s*(?:\?\?\?|\$\{required:\})\s*#\s*(?:required:\s*)?(.*)", line):
+                comments.setdefault(found.group(1), found.group(2).strip())
+    names = " and ".join(keys)
+    command = config_name.replace("_", " ")  # scaling_fit -> scaling fit
+    usage = " ".join(f"{key}=<{comments.get(key, 'value')}>" for key in keys)  # comments of top-level keys only
+    return f"{names} {'is' if len(keys) == 1 else 'are'} required: lm-lightning {command} {usage}"
+
+
+def _one_line(err: Exception, config_name: str) -> str:
+    import difflib
+    import re
+
+    text = f"{err} {err.__cause__ or ''}"
+    if missing_key := re.search(r"full_key: ([\w.]+)", text):
+        full_key = missing_key.group(1)
+        parent, _, leaf = full_key.rpartition(".")
+        hint = ""
+        with contextlib.suppress(Exception):
+            from hydra import compose, initialize_config_dir
+
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                base = compose(config_name=config_name)
+            siblings = list(OmegaConf.select(base, parent).keys()) if parent else list(base.keys())
+            close = difflib.get_close_matches(leaf, [str(k) for k in siblings], n=1)
+            hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+        return f"unknown config key {full_key!r} (not in conf/{config_name}.yaml or its groups{hint} A new key needs a leading +)"
+    if group := re.search(r"Could not find '([\w/]+)'", text):
+        listed = re.search(r"Available options in '[\w/]+':\n(.*?)(\nConfig search path|$)", str(err), flags=re.S)
+        options = listed.group(1).split() if listed else []
+        name = group.group(1)
+        choices = f": choose one of {', '.join(options)}" if options else ""
+        return f"no config {name!r} in conf/{name.rpartition('/')[0]}/{choices}"
+    return " ".join(str(err).split())

@@ -1,0 +1,1 @@
+"""Moving checkpoints between lm-lightning and the wider ecosystem (Hugging Face transformers)."""

@@ -11,7 +11,8 @@ import pytest
 
 import lm_lightning.data.corpus as corpus_module
 from lm_lightning.data.cleaning import clean_documents
-from lm_lightning.data.corpus import prepare_corpus, unigram_entropy
+from lm_lightning.data.corpus import prepare_corpus
+from lm_lightning.data.prepared_corpus import unigram_entropy
 from lm_lightning.data.sources import iter_documents
 from lm_lightning.errors import UserError
 

@@ -7,20 +7,11 @@ import math
 import pytest
 import torch
 
-from lm_lightning.objectives.noising import (
-    IGNORE_INDEX,
-    SpecialTokens,
-    bart_noise,
-    fill_masks,
-    fill_spans,
-    infilling_spans,
-    mask_tokens,
-    next_sentence_pairs,
-    prefix_split,
-    span_corruption,
-    text_infilling,
-    ul2_denoise,
-)
+from lm_lightning.objectives.noise_bart import bart_noise, fill_masks, infilling_spans, text_infilling
+from lm_lightning.objectives.noise_bert import mask_tokens, next_sentence_pairs
+from lm_lightning.objectives.noise_t5 import fill_spans, prefix_split, span_corruption
+from lm_lightning.objectives.noise_ul2 import ul2_denoise
+from lm_lightning.objectives.special_tokens import IGNORE_INDEX, SpecialTokens
 
 V = 1000
 SPECIAL = SpecialTokens(vocab_size=V)

@@ -16,16 +16,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from helpers import run_cli
-from lm_lightning.alignment.ppo import (
-    KLController,
-    PPOConfig,
-    PPOTask,
-    RuleReward,
-    build_reward,
-    gae,
-    ppo_policy_loss,
-    ppo_value_loss,
-)
+from lm_lightning.alignment.ppo_losses import KLController, gae, ppo_policy_loss, ppo_value_loss
+from lm_lightning.alignment.ppo_rewards import RuleReward, build_reward
+from lm_lightning.alignment.ppo_task import PPOConfig, PPOTask
 from lm_lightning.errors import UserError
 from lm_lightning.models.gpt import GPT, GPTConfig
 

@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
-from lm_lightning.scaling import fit_chinchilla, fit_isoflop, fit_power_law, plot_frontier, plot_isoflop, \
-    plot_power_law, r_squared
+from lm_lightning.scaling.chinchilla import fit_chinchilla
+from lm_lightning.scaling.fit_common import r_squared
+from lm_lightning.scaling.isoflop import fit_isoflop
+from lm_lightning.scaling.plots import plot_frontier, plot_isoflop, plot_power_law
+from lm_lightning.scaling.power_law import fit_power_law
 
 HOFFMANN = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 BESIROGLU = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}

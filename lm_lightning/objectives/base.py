@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_lightning.objectives.noising import SpecialTokens
+from lm_lightning.objectives.special_tokens import SpecialTokens
 
 IGNORE = -100  # target id excluded from the loss
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_lightning.objectives.base import Objective, ObjectiveOutput, hits, output, token_nll
-from lm_lightning.objectives.noising import mask_tokens, next_sentence_pairs
+from lm_lightning.objectives.noise_bert import mask_tokens, next_sentence_pairs
 
 
 class MaskedLM(Objective):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lm_lightning.objectives.base import IGNORE, Objective, ObjectiveOutput, output, token_nll
-from lm_lightning.objectives.noising import prefix_split
+from lm_lightning.objectives.noise_t5 import prefix_split
 
 
 class PrefixLM(Objective):

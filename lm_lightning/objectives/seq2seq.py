@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from lm_lightning.objectives.base import IGNORE, Objective, ObjectiveOutput, output, token_nll
-from lm_lightning.objectives.noising import bart_noise, span_corruption, ul2_denoise
+from lm_lightning.objectives.noise_bart import bart_noise
+from lm_lightning.objectives.noise_t5 import span_corruption
+from lm_lightning.objectives.noise_ul2 import ul2_denoise
 
 
 class Seq2SeqObjective(Objective):

@@ -27,6 +27,9 @@ from lm_lightning.adaptation.sft import InstructionData, InstructionTuningTask, 
 from lm_lightning.config.app import plain
 from lm_lightning.errors import UserError
 from lm_lightning.generation import generate_text
+from lm_lightning.models.base import Trait
+from lm_lightning.models.capabilities import families_where, has_features
+from lm_lightning.models.gpt import GPT
 
 log = logging.getLogger("lm_lightning")
 PEFT_METHODS = ("lora", "adapter", "prompt")
@@ -39,8 +42,9 @@ def backbone_preparation(cfg: DictConfig, family: str) -> Callable[[nn.Module], 
     method = cfg.peft.get("method")
     if method is not None and method not in PEFT_METHODS:
         raise UserError(f"peft.method={method!r}: choose one of {', '.join(PEFT_METHODS)} (or peft=none for full fine-tuning)")
-    if method == "prompt" and family not in ("gpt", "prefix_lm"):
-        raise UserError(f"peft=prompt needs a gpt or prefix_lm checkpoint, not {family}")
+    prompt_families = families_where(lambda cls, traits: issubclass(cls, GPT))  # PromptTunedGPT wraps a GPT
+    if method == "prompt" and family not in prompt_families:
+        raise UserError(f"peft=prompt needs a {' or '.join(prompt_families)} checkpoint, not {family}")
 
     def prepare(backbone: nn.Module) -> nn.Module:
         freeze(backbone, cfg.freeze.embeddings, cfg.freeze.blocks, cfg.freeze.backbone)
@@ -120,4 +124,5 @@ def sft_parts(cfg: DictConfig, model_cfg: dict, state, prepare, tokenizer, conte
 
 
 TASKS = {"classification": classification_parts, "sft": sft_parts}
-TASK_FAMILIES = {"classification": ("gpt", "prefix_lm", "bert"), "sft": ("gpt", "prefix_lm", "rnn", "lstm", "gru", "ffn")}
+TASK_FAMILIES = {"classification": families_where(lambda cls, traits: has_features(cls)),  # a head reads features()
+                 "sft": families_where(lambda cls, traits: Trait.CAUSAL in traits)}  # next-token logits of the text

@@ -21,8 +21,11 @@ from lm_lightning.alignment.preference import (
 )
 from lm_lightning.alignment.reward import RewardModelTask
 from lm_lightning.alignment.task import AlignmentTask
+from lm_lightning.models.base import Trait
+from lm_lightning.models.capabilities import families_where, has_features
 
-FAMILIES = ("gpt", "prefix_lm")  # decoders whose model(ids) is next-token logits and whose features() a head reads
+# decoders whose model(ids) is next-token logits and whose features() a head reads
+FAMILIES = families_where(lambda cls, traits: Trait.CAUSAL in traits and has_features(cls))
 
 
 def build_reward_model(cfg: DictConfig, pretrained, optimizer, scheduler) -> AlignmentTask:

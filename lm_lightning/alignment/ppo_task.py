@@ -25,6 +25,8 @@ from lm_lightning.alignment.ppo_losses import KLController, gae, masked_mean, ma
 from lm_lightning.alignment.ppo_rollout import PolicyWithValue, Rollout, entropy, position_kl, response_outputs, \
     sample_responses, token_logprobs
 from lm_lightning.errors import UserError
+from lm_lightning.models.base import LanguageModel
+from lm_lightning.models.capabilities import families_where, has_features, reads_left_to_right
 from lm_lightning.tasks.language_model import weight_decay_groups
 
 
@@ -67,8 +69,11 @@ class PPOTask(L.LightningModule):
         """``model``: the pre-trained GPT (trained in place); ``reward(prompts, responses) -> (B,)`` scores token
         lists; ``optimizer(params=...)``: the partial Hydra builds from conf/optimizer (constant learning rate)."""
         super().__init__()
-        if not hasattr(model, "features") or not hasattr(model, "lm_head") or getattr(model.config, "family", "gpt") != "gpt":
-            raise UserError("PPO needs a gpt checkpoint (a decoder-only model with features() and an LM head)")
+        if not (isinstance(model, LanguageModel) and has_features(type(model)) and hasattr(model, "lm_head")
+                and reads_left_to_right(model.traits)):
+            families = families_where(lambda cls, traits: has_features(cls) and reads_left_to_right(traits))
+            raise UserError(f"PPO needs a {' or '.join(families)} checkpoint (a decoder-only model with features() "
+                            "and an LM head)")
         if config.minibatch_size > config.batch_size or config.batch_size % config.minibatch_size:
             raise UserError(f"ppo.minibatch_size={config.minibatch_size} must divide ppo.batch_size={config.batch_size}")
         self.automatic_optimization = False

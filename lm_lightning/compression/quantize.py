@@ -36,9 +36,12 @@ from torch import nn
 
 from lm_lightning.adaptation.peft import name_matches
 from lm_lightning.errors import UserError
+from lm_lightning.models.base import Trait
+from lm_lightning.models.capabilities import families_where
 
 SCHEMES = ("weight", "dynamic")
-SUPPORTED_FAMILIES = ("gpt", "prefix_lm")  # decoder-only transformers: every matmul but attention is an nn.Linear
+# decoder-only transformers (causal, with transformer blocks): every matmul but attention is an nn.Linear
+SUPPORTED_FAMILIES = families_where(lambda cls, traits: Trait.CAUSAL in traits and bool(cls.block_lists))
 INT8_MAX = 127  # symmetric range [-127, 127]: -128 is left out so that q and -q both fit
 FORMAT = "lm-lightning-int8/1"
 OUTPUT_BLOCK_ELEMENTS = 2**16  # fp32 output elements an int8 matmul rescales at a time (256 KiB: in L2 cache)

@@ -5,35 +5,26 @@ Each problem is a :class:`UserError` naming the option, so a typo costs a second
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from dataclasses import fields
 
-from lm_lightning.models.capabilities import check_compatible
+from omegaconf import DictConfig, OmegaConf
+
 from lm_lightning.errors import UserError
-from lm_lightning.models.gpt import POSITIONS
-from lm_lightning.models.layers import ACTIVATIONS, NORM_POSITIONS, NORMS
+from lm_lightning.models.capabilities import check_blocks_for_sharding, check_compatible, model_class
 
-TRANSFORMERS = ("gpt", "prefix_lm", "bert", "t5", "bart")
-CHOICES = {"norm": NORMS, "norm_position": NORM_POSITIONS, "activation": ACTIVATIONS, "position": POSITIONS}
+UNKNOWN_VOCABULARY = 2**31 - 1  # the tokenizer's vocabulary is known once the corpus is prepared: any size passes
 
 
 def check_train_config(cfg: DictConfig) -> None:
     """Types and ranges of the main options; raises on the first problem found."""
     model, data, trainer = cfg.model, cfg.data, cfg.trainer
+    check_model_options(model)
     check_compatible(model, cfg.objective)
-    for key in ("block_size", "n_layer", "n_head", "n_embd"):
-        if key in model:
-            _positive_int(model, f"model.{key}")
+    if cfg.strategy.get("parallelize"):
+        check_blocks_for_sharding(model)
     for key in ("batch_size",):
         _positive_int(data, f"data.{key}")
     _positive_int(trainer, "trainer.accumulate_grad_batches")
-    if "n_head" in model and model.n_embd % model.n_head:
-        raise UserError(f"model.n_head={model.n_head} does not divide model.n_embd={model.n_embd}: "
-                        "choose a head count that divides the width")
-    for key, choices in CHOICES.items():  # transformer options (recurrent and FFN models check their own)
-        if key in model and model[key] not in choices and model.get("family") in TRANSFORMERS:
-            raise UserError(f"model.{key}={model[key]!r} is not known: choose one of {', '.join(choices)}")
-    if not 0.0 <= float(model.get("dropout", 0.0)) < 1.0:
-        raise UserError(f"model.dropout={model.dropout} must be in [0, 1)")
     if data.block_size > model.block_size:
         raise UserError(f"data.block_size={data.block_size} is above model.block_size={model.block_size}, "
                         "the positional table: windows must fit the context")
@@ -50,6 +41,17 @@ def check_train_config(cfg: DictConfig) -> None:
     if dtype == "uint16" and tokenizer.get("type") != "char" and tokenizer.get("vocab_size", 0) > 65536:
         raise UserError(f"tokenizer.vocab_size={tokenizer.vocab_size} does not fit data.corpus.token_dtype=uint16 "
                         "(ids up to 65535): use token_dtype=uint32 or auto, or a smaller vocabulary")
+
+
+def check_model_options(model: DictConfig) -> None:
+    """Builds the model's config dataclass, whose ``__post_init__`` checks its options (shape, choices, dropout)."""
+    config_class = model_class(model).config_class
+    options = {k: v for k, v in OmegaConf.to_container(model, resolve=True).items() if not k.startswith("_")}
+    known = [field.name for field in fields(config_class)]
+    if unknown := [key for key in options if key not in known]:
+        raise UserError(f"model.{unknown[0]} is not an option of {config_class.__name__}: "
+                        f"its options are {', '.join(known)}")
+    config_class(**{"vocab_size": UNKNOWN_VOCABULARY, **options})
 
 
 def _positive_int(node: DictConfig, name: str) -> None:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lm_lightning.errors import UserError
+from lm_lightning.models.capabilities import reads_left_to_right
 from lm_lightning.models.gpt import GPT, GPTConfig
 from lm_lightning.training.loading import load_trained
 
@@ -46,7 +47,7 @@ def target_architecture(config: GPTConfig) -> str:
     """``gpt2``, ``gpt_neox`` or ``llama``: the transformers model type that computes exactly what
     ``config`` does; a one-line UserError naming the option that has no counterpart otherwise."""
     c = config
-    if c.family != "gpt":
+    if not reads_left_to_right(GPT.families[c.family]):  # transformers' causal LMs have no bidirectional prefix
         unsupported = f"model.family={c.family}"
     elif c.position not in ("learned", "sinusoidal", "none", "rope"):
         unsupported = f"model.position={c.position}"

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_lightning.errors import UserError
-from lm_lightning.models.base import LanguageModel
+from lm_lightning.models.base import LanguageModel, Trait
 from lm_lightning.models.layers import (
     Block,
     build_norm,
@@ -18,6 +17,10 @@ from lm_lightning.models.layers import (
     padding_mask,
     scale_residual_projections,
 )
+from lm_lightning.models.options import require_block_options, require_choice, require_positive_ints
+
+#: bidirectional over the whole window, with a [CLS] head for sentence pairs
+FAMILIES = {"bert": frozenset({Trait.BIDIRECTIONAL, Trait.SENTENCE_PAIR})}
 
 
 @dataclass
@@ -43,20 +46,18 @@ class EncoderConfig:
     moe_aux_weight: float = 0.01  # weight of the load-balancing loss (read by the training task)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "type_vocab_size"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
-        if self.family != "bert":
-            raise UserError(f"model.family={self.family!r}: this builder makes bert")
+        require_positive_ints(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "type_vocab_size")
+        require_block_options(self)
+        require_choice(self, "family", FAMILIES)
 
 
 class Encoder(LanguageModel):
     """Token ids (B, T) → per-token vocabulary logits (B, T, V), and with ``return_pooled`` also the
     next-sentence logits (B, 2) from the [CLS] (first) position. Padding (``pad_id``) is never attended to."""
 
-    causal = False
+    families = FAMILIES
+    config_class = EncoderConfig
+    block_lists = ("h",)
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -84,7 +85,6 @@ class Encoder(LanguageModel):
             self.lm_head.weight = self.wte.weight
         init_normal(self, c.init_std)
         scale_residual_projections(self, c.init_std, 2 * c.n_layer)
-
 
     def encode(self, idx: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Contextual states (B, T, C)."""
@@ -114,6 +114,4 @@ class Encoder(LanguageModel):
         return [self.wte, self.wpe, self.wse, self.lm_head]
 
 
-def build_encoder(**kwargs) -> Encoder:
-    """Hydra entry point: ``_target_: lm_lightning.models.encoder.build_encoder`` with EncoderConfig fields."""
-    return Encoder(EncoderConfig(**kwargs))
+build_encoder = Encoder.build  # the Hydra entry point of conf/model/bert.yaml: Encoder(EncoderConfig(**fields))

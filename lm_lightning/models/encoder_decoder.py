@@ -18,11 +18,8 @@ import torch
 from torch import nn
 
 from lm_lightning.errors import UserError
-from lm_lightning.models.base import LanguageModel
+from lm_lightning.models.base import LanguageModel, Trait
 from lm_lightning.models.layers import (
-    ACTIVATIONS,
-    NORM_POSITIONS,
-    NORMS,
     Block,
     KVCache,
     PositionBias,
@@ -32,9 +29,11 @@ from lm_lightning.models.layers import (
     scale_residual_projections,
     sinusoidal_table,
 )
+from lm_lightning.models.options import require_block_options, require_choice, require_positive_ints
 
 POSITIONS = ("t5", "learned", "sinusoidal")
-FAMILIES = ("t5", "bart")
+#: both flavours encode a source and decode a target from it
+FAMILIES = {"t5": frozenset({Trait.ENCODER_DECODER}), "bart": frozenset({Trait.ENCODER_DECODER})}
 
 
 @dataclass
@@ -64,24 +63,15 @@ class EncoderDecoderConfig:
     moe_aux_weight: float = 0.01  # weight of the load-balancing loss (read by the training task)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "relative_buckets",
-                     "relative_max_distance"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        require_positive_ints(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "relative_buckets",
+                              "relative_max_distance")
         if self.n_decoder_layer is None:
             self.n_decoder_layer = self.n_layer
         if self.n_decoder_layer <= 0:
             raise UserError(f"model.n_decoder_layer must be positive (or null for n_layer), got {self.n_decoder_layer}")
-        if self.n_embd % self.n_head:
-            raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
-        choices = {"position": POSITIONS, "family": FAMILIES, "norm": NORMS, "norm_position": NORM_POSITIONS,
-                   "activation": ACTIVATIONS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"model.{name}={getattr(self, name)!r}: an encoder-decoder takes one of "
-                                f"{', '.join(allowed)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+        require_block_options(self)
+        require_choice(self, "position", POSITIONS)
+        require_choice(self, "family", FAMILIES)
         if self.decoder_start_id is None:
             self.decoder_start_id = self.pad_id
         for name in ("pad_id", "decoder_start_id"):
@@ -93,7 +83,9 @@ class EncoderDecoderConfig:
 class EncoderDecoder(LanguageModel):
     """Source ids (B, S) and decoder inputs (B, T) → logits (B, T, vocab_size) of the next target token."""
 
-    causal = False  # not a decoder-only LM: the objective must feed it (source, target) pairs
+    families = FAMILIES
+    config_class = EncoderDecoderConfig
+    block_lists = ("encoder", "decoder")
 
     def __init__(self, config: EncoderDecoderConfig) -> None:
         super().__init__()
@@ -135,7 +127,6 @@ class EncoderDecoder(LanguageModel):
         # cross-attention, MLP): GPT-2's rule per stack
         scale_residual_projections(self.encoder, c.init_std, 2 * c.n_layer)
         scale_residual_projections(self.decoder, c.init_std, 3 * c.n_decoder_layer)
-
 
     def _embed(self, idx: torch.Tensor, start: int, table: nn.Embedding | None, norm: nn.Module) -> torch.Tensor:
         """Token (+ absolute position) embeddings of ids (B, T) at positions start..start+T-1 → (B, T, C)."""
@@ -247,7 +238,4 @@ class DecoderView(nn.Module):
         return self.model.new_caches(batch, like, self.memory.size(1))
 
 
-def build_encoder_decoder(**fields) -> EncoderDecoder:
-    """Hydra entry point: ``_target_: lm_lightning.models.encoder_decoder.build_encoder_decoder`` with
-    EncoderDecoderConfig fields."""
-    return EncoderDecoder(EncoderDecoderConfig(**fields))
+build_encoder_decoder = EncoderDecoder.build  # the Hydra entry point of conf/model/{t5,bart}.yaml

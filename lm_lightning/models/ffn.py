@@ -8,14 +8,16 @@ head. Window slots before the start of the sequence hold one learned padding emb
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from lm_lightning.errors import UserError
-from lm_lightning.models.base import LanguageModel
+from lm_lightning.models.base import LanguageModel, Trait
+from lm_lightning.models.options import require_choice, require_dropout, require_positive_ints
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+FAMILIES = {"ffn": frozenset({Trait.CAUSAL})}  # each prediction reads the window that ends at it
 
 
 @dataclass
@@ -33,15 +35,10 @@ class FFNConfig:
     family: str = "ffn"
 
     def __post_init__(self) -> None:
-        if self.family != "ffn":
-            raise UserError(f"model.family={self.family!r}: build_ffn builds only ffn")
-        for name in ("vocab_size", "block_size", "window", "n_layer", "n_embd", "hidden"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.activation not in ACTIVATIONS:
-            raise UserError(f"model.activation={self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        require_choice(self, "family", FAMILIES)
+        require_positive_ints(self, "vocab_size", "block_size", "window", "n_layer", "n_embd", "hidden")
+        require_choice(self, "activation", ACTIVATIONS)
+        require_dropout(self)
 
 
 @dataclass
@@ -59,7 +56,13 @@ class WindowCache:
 class FFNLM(LanguageModel):
     """Token ids (B, T) → next-token logits (B, T, vocab_size); causal, with a window of ``window`` tokens."""
 
-    causal = True
+    families = FAMILIES
+    config_class = FFNConfig
+
+    @classmethod
+    def build(cls, family: str = "ffn", **fields: Any) -> FFNLM:
+        """Hydra entry point: FFNConfig fields (``family`` first, for symmetry with the recurrent builder)."""
+        return cls(FFNConfig(family=family, **fields))
 
     def __init__(self, config: FFNConfig) -> None:
         super().__init__()
@@ -112,6 +115,4 @@ class FFNLM(LanguageModel):
         return 0
 
 
-def build_ffn(family: str = "ffn", **fields) -> FFNLM:
-    """Hydra entry point: ``_target_: lm_lightning.models.ffn.build_ffn`` with FFNConfig fields."""
-    return FFNLM(FFNConfig(family=family, **fields))
+build_ffn = FFNLM.build  # the Hydra entry point of conf/model/ffn.yaml

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lm_lightning.errors import UserError
-from lm_lightning.models.base import LanguageModel
+from lm_lightning.models.base import LanguageModel, Trait
 from lm_lightning.models.layers import (
     Block,
     KVCache,
@@ -23,9 +23,11 @@ from lm_lightning.models.layers import (
     scale_residual_projections,
     sinusoidal_table,
 )
+from lm_lightning.models.options import require_block_options, require_choice, require_positive_ints
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5", "none")
-FAMILIES = ("gpt", "prefix_lm")
+#: gpt reads left to right; a prefix LM also reads a prefix of each window bidirectionally
+FAMILIES = {"gpt": frozenset({Trait.CAUSAL}), "prefix_lm": frozenset({Trait.CAUSAL, Trait.PREFIX})}
 
 
 @dataclass
@@ -53,23 +55,20 @@ class GPTConfig:
     family: str = "gpt"  # gpt (causal) | prefix_lm (bidirectional over a prefix, causal after it)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
-        if self.position not in POSITIONS:
-            raise UserError(f"model.position={self.position!r}: choose one of {', '.join(POSITIONS)}")
-        if self.family not in FAMILIES:
-            raise UserError(f"model.family={self.family!r}: this builder makes {' or '.join(FAMILIES)}")
-        if self.n_experts < 0:
-            raise UserError(f"model.n_experts={self.n_experts} must be 0 (dense) or more")
+        require_positive_ints(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        require_block_options(self)
+        require_choice(self, "position", POSITIONS)
+        require_choice(self, "family", FAMILIES)
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise UserError("model.position=rope needs an even head size (n_embd / n_head)")
 
 
 class GPT(LanguageModel):
     """Token ids (B, T) → next-token logits (B, T, vocab_size)."""
+
+    families = FAMILIES
+    config_class = GPTConfig
+    block_lists = ("h",)
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -98,9 +97,6 @@ class GPT(LanguageModel):
             self.lm_head.weight = self.wte.weight
         init_normal(self, c.init_std)
         scale_residual_projections(self, c.init_std, 2 * c.n_layer)  # two residual branches per block
-
-
-    causal = True  # logits at t depend on tokens ≤ t only (without a prefix)
 
     def forward(
         self, idx: torch.Tensor, caches: list[KVCache] | None = None, prefix_lengths: torch.Tensor | None = None
@@ -167,6 +163,4 @@ class PrefixLMView(nn.Module):
         return self.model.new_caches(batch, like)
 
 
-def build_gpt(**kwargs) -> GPT:
-    """Hydra entry point: ``_target_: lm_lightning.models.gpt.build_gpt`` with GPTConfig fields."""
-    return GPT(GPTConfig(**kwargs))
+build_gpt = GPT.build  # the Hydra entry point of conf/model/gpt.yaml and of older checkpoints: GPT(GPTConfig(**fields))

@@ -21,12 +21,8 @@ ACTIVATIONS = ("gelu", "relu", "swiglu")
 
 
 def build_norm(kind: str, dim: int, bias: bool) -> nn.Module:
-    """LayerNorm (optionally without bias, as nanoGPT) or RMSNorm."""
-    if kind == "layernorm":
-        return nn.LayerNorm(dim, bias=bias)
-    if kind == "rmsnorm":
-        return nn.RMSNorm(dim)
-    raise UserError(f"model.norm={kind!r} is not known: choose {' or '.join(NORMS)}")
+    """LayerNorm (optionally without bias, as nanoGPT) or RMSNorm; the model configs check ``kind``."""
+    return nn.LayerNorm(dim, bias=bias) if kind == "layernorm" else nn.RMSNorm(dim)
 
 
 class FeedForward(nn.Module):
@@ -37,8 +33,6 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int, activation: str, bias: bool, dropout: float) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise UserError(f"model.activation={activation!r} is not known: choose {', '.join(ACTIVATIONS)}")
         self.activation = activation
         if activation == "swiglu":
             hidden = int(2 * hidden / 3)
@@ -242,8 +236,6 @@ class Attention(nn.Module):
         self, dim: int, n_head: int, bias: bool, dropout: float, rotary: Rotary | None = None, cross: bool = False
     ) -> None:
         super().__init__()
-        if dim % n_head:
-            raise UserError(f"model.n_embd={dim} must be divisible by model.n_head={n_head}")
         self.n_head = n_head
         self.head_dim = dim // n_head
         self.cross = cross
@@ -312,8 +304,6 @@ class MoEFeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, activation: str, bias: bool, dropout: float, n_experts: int,
                  top_k: int) -> None:
         super().__init__()
-        if not 1 <= top_k <= n_experts:
-            raise UserError(f"model.moe_top_k={top_k} must be between 1 and model.n_experts={n_experts}")
         self.n_experts, self.top_k = n_experts, top_k
         self.router = nn.Linear(dim, n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(dim, hidden, activation, bias, dropout) for _ in range(n_experts))
@@ -370,8 +360,6 @@ class Block(nn.Module):
         moe_top_k: int = 2,
     ) -> None:
         super().__init__()
-        if norm_position not in NORM_POSITIONS:
-            raise UserError(f"model.norm_position={norm_position!r} is not known: choose pre or post")
         self.pre_norm = norm_position == "pre"
         self.ln_1 = build_norm(norm, dim, bias)
         self.attn = Attention(dim, n_head, bias, dropout, rotary)

@@ -7,15 +7,21 @@ model reads the whole sequence both ways (for masked LM) and cannot generate.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from lm_lightning.errors import UserError
-from lm_lightning.models.base import LanguageModel
+from lm_lightning.models.base import LanguageModel, Trait
+from lm_lightning.models.options import require_choice, require_dropout, require_positive_ints
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}  # nn.RNN is the tanh Elman cell
+#: each cell reads left to right, or (model.bidirectional=true, its own family) both ways
+FAMILIES = {**{cell: frozenset({Trait.CAUSAL}) for cell in CELLS},
+            **{f"bidirectional {cell}": frozenset({Trait.BIDIRECTIONAL}) for cell in CELLS}}
 
 
 @dataclass
@@ -31,13 +37,9 @@ class RecurrentConfig:
     init_std: float = 0.1  # embeddings and linear layers; 0.02 (GPT's) makes small inputs that learn slowly
 
     def __post_init__(self) -> None:
-        if self.family not in CELLS:
-            raise UserError(f"model.family={self.family!r}: choose one of {', '.join(CELLS)}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        require_choice(self, "family", CELLS)
+        require_positive_ints(self, "vocab_size", "block_size", "n_layer", "n_embd")
+        require_dropout(self)
 
 
 @dataclass
@@ -66,6 +68,9 @@ class RecurrentLM(LanguageModel):
     """Token ids (B, T) → logits (B, T, vocab_size): next-token logits when causal, per-position
     logits from both directions when bidirectional."""
 
+    families = FAMILIES
+    config_class = RecurrentConfig
+
     def __init__(self, config: RecurrentConfig) -> None:
         super().__init__()
         self.config = c = config
@@ -86,10 +91,15 @@ class RecurrentLM(LanguageModel):
         if c.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # Press & Wolf 2017; the recurrent cells keep PyTorch's init
 
-    @property
-    def causal(self) -> bool:
-        """True when logits at t depend only on tokens ≤ t (unidirectional, generative)."""
-        return not self.config.bidirectional
+    @classmethod
+    def build(cls, family: str = "lstm", **fields: Any) -> RecurrentLM:
+        """Hydra entry point: ``family`` (rnn | lstm | gru) and RecurrentConfig fields."""
+        return cls(RecurrentConfig(family=family, **fields))
+
+    @classmethod
+    def family_key(cls, fields: Mapping[str, Any]) -> str:
+        """The cell, or ``bidirectional <cell>``: a model that reads both ways trains for other objectives."""
+        return f"bidirectional {fields['family']}" if fields.get("bidirectional") else str(fields["family"])
 
     def forward(self, idx: torch.Tensor, caches: list[RecurrentCache] | None = None) -> torch.Tensor:
         """idx: (B, T) token ids; caches: ``new_caches()`` when decoding incrementally (updated in place)."""
@@ -123,7 +133,4 @@ class RecurrentLM(LanguageModel):
         return 0
 
 
-def build_recurrent(family: str, **fields) -> RecurrentLM:
-    """Hydra entry point: ``_target_: lm_lightning.models.recurrent.build_recurrent`` with
-    ``family`` (rnn | lstm | gru) and RecurrentConfig fields."""
-    return RecurrentLM(RecurrentConfig(family=family, **fields))
+build_recurrent = RecurrentLM.build  # the Hydra entry point of conf/model/{rnn,lstm,gru}.yaml

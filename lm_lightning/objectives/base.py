@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm_lightning.models.base import Trait
 from lm_lightning.objectives.special_tokens import SpecialTokens
 
 IGNORE = -100  # target id excluded from the loss
@@ -51,6 +52,8 @@ class Objective:
     """Base of the objectives. Subclasses set the class attributes and implement ``__call__``."""
 
     name = "objective"
+    #: what it needs from a model: a family trains with it when the family meets all of these (models/capabilities.py)
+    requires: frozenset[Trait]
     #: bits-per-byte is defined: the predicted tokens are the text itself, each in context
     bits_per_byte = False
     #: names of the accuracies in ``ObjectiveOutput.accuracies``

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm_lightning.models.base import Trait
 from lm_lightning.objectives.base import Objective, ObjectiveOutput, hits, output, token_nll
 from lm_lightning.objectives.noise_bert import mask_tokens, next_sentence_pairs
 
@@ -15,6 +16,7 @@ class MaskedLM(Objective):
     random token, 10% stay — and predicts the originals from both sides. Reports masked-token accuracy."""
 
     name = "mlm"
+    requires = frozenset({Trait.BIDIRECTIONAL})
     accuracy_names = ("masked_accuracy",)
     uses_special_tokens = True
 
@@ -45,6 +47,7 @@ class MaskedLMWithNSP(MaskedLM):
     reported loss and perplexity are the masked-LM part; the optimised loss adds the NSP cross-entropy."""
 
     name = "mlm_nsp"
+    requires = frozenset({Trait.BIDIRECTIONAL, Trait.SENTENCE_PAIR})
     accuracy_names = ("masked_accuracy", "nsp_accuracy")
 
     def __init__(self, true_prob: float = 0.5, nsp_weight: float = 1.0, **mlm) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lm_lightning.models.base import Trait
 from lm_lightning.objectives.base import IGNORE, Objective, ObjectiveOutput, output, token_nll
 from lm_lightning.objectives.noise_t5 import prefix_split
 
@@ -16,6 +17,7 @@ class PrefixLM(Objective):
     position can see."""
 
     name = "prefix_lm"
+    requires = frozenset({Trait.PREFIX})
     bits_per_byte = True
 
     def __init__(self, min_prefix: int = 1, vocab_size: int | None = None) -> None:

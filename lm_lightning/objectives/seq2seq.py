@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from lm_lightning.models.base import Trait
 from lm_lightning.objectives.base import IGNORE, Objective, ObjectiveOutput, output, token_nll
 from lm_lightning.objectives.noise_bart import bart_noise
 from lm_lightning.objectives.noise_t5 import span_corruption
@@ -20,6 +21,7 @@ from lm_lightning.objectives.noise_ul2 import ul2_denoise
 
 
 class Seq2SeqObjective(Objective):
+    requires = frozenset({Trait.ENCODER_DECODER})
     uses_special_tokens = True
 
     def corrupt(self, ids: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,11 +8,15 @@ purely data-parallel mesh over every process, so it runs on CPU (gloo) as well a
 
 from __future__ import annotations
 
+from types import MethodType
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lm_lightning.training.lightning_internals import set_data_parallel_degree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,27 +31,32 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def __init__(self, save_distributed_checkpoint: bool = True, **kwargs: Any) -> None:
         super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.data_parallel_over_all_processes = kwargs.get("data_parallel_size", "auto") == "auto"
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         # meta.pt holds what a single-file checkpoint holds (RNG states, loops): trusted the same way
         return super().load_checkpoint(checkpoint_path, weights_only=False if weights_only is None else weights_only)
 
     def setup_environment(self) -> None:
-        if self._data_parallel_size == "auto":
-            self._data_parallel_size = self.num_nodes * self.num_processes
+        if self.data_parallel_over_all_processes:  # known only now that the Trainer has set devices and nodes
+            set_data_parallel_degree(self, self.num_nodes * self.num_processes)
         super().setup_environment()
+
+
+def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The block's own forward, its activations recomputed in the backward pass instead of kept."""
+    return checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
 
 
 def parallelize_fsdp2(
     model: nn.Module,
     device_mesh: Any,
-    blocks: str = "h",
     reshard_after_forward: bool = True,
     activation_checkpointing: bool = False,
     param_dtype: str | None = None,
     reduce_dtype: str | None = None,
 ) -> nn.Module:
-    """Shards ``model`` in place with FSDP2: every module in ``model.<blocks>`` (a ModuleList), then the root.
+    """Shards ``model`` in place with FSDP2: every block it declares (``model.blocks()``), then the root.
 
     ``device_mesh``: Lightning's mesh (its ``data_parallel`` dimension is used) or a 1-D mesh.
     ``param_dtype`` / ``reduce_dtype``: dtype names for FSDP2's mixed precision (e.g. ``bfloat16``
@@ -63,12 +72,12 @@ def parallelize_fsdp2(
         param_dtype=DTYPES[param_dtype] if param_dtype else None,
         reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype else None,
     )
-    layers: nn.ModuleList = getattr(model, blocks)
+    layers = model.blocks()
     for i, block in enumerate(layers):
         if activation_checkpointing:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-            block = layers[i] = checkpoint_wrapper(block)  # state-dict keys stay the same
+            # the block itself stays in place (its state-dict keys and FSDP2's hooks unchanged); only its forward
+            # runs under torch.utils.checkpoint, called inside the hooks, as torch's checkpoint_wrapper does
+            block.forward = MethodType(_checkpointed_forward, block)
         # the last block's parameters are needed again first in backward: keep them gathered
         last = i == len(layers) - 1
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward and not last, mp_policy=policy)

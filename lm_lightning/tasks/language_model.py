@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lm_lightning.tasks.metrics import LanguageModelMetrics, Ratio
+from lm_lightning.tracking.callbacks import reaches_loggers
 
 
 class LanguageModelTask(L.LightningModule):
@@ -76,7 +77,7 @@ class LanguageModelTask(L.LightningModule):
             return
         self._configured = True
         if self.compile_model:
-            for module in (self.model.h if self.parallelize is not None else [self.model]):
+            for module in (self.model.blocks() if self.parallelize is not None else [self.model]):
                 module.compile()
         if self.parallelize is not None:
             self.parallelize(self.model, self.device_mesh)
@@ -97,9 +98,7 @@ class LanguageModelTask(L.LightningModule):
             loss = loss + self.aux_loss_weight * aux
         if self.initial_loss is None:  # the reported loss (over the predicted tokens), as validation reports it
             self.initial_loss = float(out.nll_sum / out.n_tokens.clamp(min=1))
-        if self._trainer is not None and self.trainer._logger_connector.should_update_logs:
-            # only on steps that reach the logger (trainer.log_every_n_steps): each self.log costs
-            # about 0.7 ms on CPU, a few percent of a small model's step
+        if self._step_reaches_loggers:
             # averaged over ranks: the loss of the whole global batch, comparable across world sizes
             self.log("train/loss", out.loss.detach(), prog_bar=True, sync_dist=self._distributed)
             self.train_metrics.update(out.nll_sum, out.n_tokens)
@@ -117,6 +116,12 @@ class LanguageModelTask(L.LightningModule):
                 self.log(f"train/{name}", self.train_accuracy[name].compute())
                 self.train_accuracy[name].reset()
         return loss
+
+    @property
+    def _step_reaches_loggers(self) -> bool:
+        """Whether what this training step logs is written (every ``trainer.log_every_n_steps`` steps): only
+        then is it logged, as each ``self.log`` costs about 0.7 ms on CPU, a few percent of a small model's step."""
+        return self._trainer is not None and reaches_loggers(self.trainer, self.trainer.global_step + 1)
 
     @property
     def _distributed(self) -> bool:

@@ -13,7 +13,7 @@ from lm_lightning.tasks.language_model import weight_decay_groups
 
 
 def freeze(backbone: nn.Module, embeddings: bool = False, blocks: int = 0, everything: bool = False) -> None:
-    """Freezes the token/position tables (``embeddings``), the first ``blocks`` transformer blocks, or
+    """Freezes the token/position tables (``embeddings``), the first ``blocks`` repeated blocks, or
     the whole backbone (``everything``: only the task head trains)."""
     if everything:
         backbone.requires_grad_(False)
@@ -22,8 +22,8 @@ def freeze(backbone: nn.Module, embeddings: bool = False, blocks: int = 0, every
         for table in backbone.embedding_tables():
             table.requires_grad_(False)
     if blocks:
-        layers = getattr(backbone, "h", None)
-        if layers is None:
+        layers = backbone.blocks()  # in forward order, as the model declares them (block_lists)
+        if not layers:
             raise UserError(f"freeze.blocks={blocks}: a {backbone.config.family} model has no transformer blocks to freeze")
         if not 0 <= blocks <= len(layers):
             raise UserError(f"freeze.blocks={blocks}: the model has {len(layers)} blocks")

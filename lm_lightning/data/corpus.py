@@ -53,7 +53,6 @@ from lm_lightning.data.sources import describe_source, iter_documents, plain_con
 from lm_lightning.data.tokenizer import Tokenizer, train_tokenizer
 from lm_lightning.data.hashing import file_sha256
 from lm_lightning.errors import UserError
-from lm_lightning.data.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -28,24 +28,22 @@ the task, the loggers and the Trainer, trains, and writes the curves, the policy
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from lm_lightning.alignment.policy import save_policy_checkpoint
 from lm_lightning.alignment.ppo_rewards import build_reward
 from lm_lightning.alignment.ppo_task import PPOConfig, PPOTask
 from lm_lightning.errors import UserError
-from lm_lightning.config.app import instantiate_group, plain, run_identity, set_threads
+from lm_lightning.config.app import plain, set_threads
+from lm_lightning.training.job import Job
 from lm_lightning.training.loading import load_trained
-from lm_lightning.tracking.records import plt, write_run_record
+from lm_lightning.tracking.records import plt
 
 log = logging.getLogger("lm_lightning")
 
@@ -105,66 +103,49 @@ def run_ppo(cfg: DictConfig) -> dict[str, Any]:
     task = PPOTask(pretrained.model, reward, prompts, config, hydra.utils.instantiate(cfg.optimizer),
                    tokenizer.eos_id, pad_id)
 
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
-    name, group = run_identity(cfg.experiment_name)
-    loggers = instantiate_group(cfg.get("logger"))
-    for logger in loggers:
-        logger.log_hyperparams({"config": plain(cfg), "prompts": len(prompts)})
-    trainer_cfg = cfg.get("trainer") or {"_target_": "lightning.pytorch.Trainer"}
-    # one training batch is one update; PPO steps its optimizer itself, so Lightning's clipping and accumulation are off
-    trainer: L.Trainer = hydra.utils.instantiate(
-        trainer_cfg, logger=loggers or False, enable_checkpointing=False, max_epochs=1, max_steps=-1,
-        limit_train_batches=None, limit_val_batches=0, val_check_interval=None, num_sanity_val_steps=0,
-        gradient_clip_val=None, accumulate_grad_batches=1, log_every_n_steps=1)
-    started = time.perf_counter()
-    trainer.fit(task)
-    seconds = time.perf_counter() - started
+    with Job(cfg, {"prompts": len(prompts)}) as job:
+        # one training batch is one update; PPO steps its own optimizer: no Lightning clipping or accumulation
+        job.build_trainer(enable_checkpointing=False, max_epochs=1, max_steps=-1, limit_train_batches=None,
+                          limit_val_batches=0, val_check_interval=None, num_sanity_val_steps=0, gradient_clip_val=None,
+                          accumulate_grad_batches=1, log_every_n_steps=1)
+        job.fit(task)
+        seconds = job.seconds()
 
-    history = task.history
-    curves = plot_curves(history, config.kl_target if config.adaptive_kl else None, config.kl_budget,
-                         output_dir / "ppo_curves.png")
-    checkpoint = save_policy_checkpoint(task.policy.model, cfg.ckpt_path, output_dir / "checkpoints" / "policy.ckpt")
-    window = max(1, min(10, len(history) // 5))  # start and end as means over a few updates: one rollout is noisy
-    first = sum(row["ppo/score"] for row in history[:window]) / window
-    last = sum(row["ppo/score"] for row in history[-window:]) / window
-    kls = [row["ppo/kl"] for row in history]
-    record = {
-        "run_name": name, "group": group, "method": "ppo", "pretrained": str(cfg.ckpt_path),
-        "reward": plain(cfg.reward), "updates": len(history), "prompts": len(prompts), "seconds": seconds,
-        "score": {"first": first, "last": last, "window": window, "gain": last - first},
-        "kl": {"final": kls[-1], "max": max(kls), "budget": config.kl_budget, "target": config.kl_target,
-               "within_budget": config.kl_budget is None or max(kls) <= config.kl_budget,
-               "final_coef": task.kl.coef},
-        "guard_steps": int(sum(row["ppo/guard_steps"] for row in history)),
-        "samples": {k: [tokenizer.decode(t) for t in v] for k, v in task.samples.items()},
-        "history": history, "curves": str(curves), "checkpoint": str(checkpoint), "config": plain(cfg),
-    }
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            logger.experiment.log({"ppo/curves": wandb.Image(str(curves))})
-            logger.experiment.summary.update({"final/score": last, "start/score": first, "kl/max": max(kls),
-                                              "kl/final": kls[-1], "kl/budget": config.kl_budget})
-            record["wandb_dir"] = str(Path(logger.experiment.dir).parent)
-            logger.experiment.finish()
-    write_run_record(output_dir / "run.json", record)
-    budget = f"budget {config.kl_budget}" if config.kl_budget else "no budget"
-    print("\n".join([
-        "", "=" * 72,
-        f"PPO on {cfg.ckpt_path}: {len(history)} updates x {config.batch_size} prompts x {config.max_new_tokens} "
-        f"new tokens in {seconds:.0f}s",
-        f"reward ({_describe(cfg.reward)}): {first:.3f} -> {last:.3f} (mean of the first and last {window} updates)",
-        f"KL to reference: final {kls[-1]:.3f}, max {max(kls):.3f} nats per response ({budget}; "
-        f"{'within' if record['kl']['within_budget'] else 'OVER'}), beta {task.kl.coef:.4f}",
-        f"sample: {record['samples'].get('last', [''])[0]!r}",
-        f"curves: {curves}",
-        f"policy checkpoint: {checkpoint}",
-        f"W&B run folder: {record.get('wandb_dir') or '(W&B off)'}",
-        f"run record: {output_dir / 'run.json'}",
-        "=" * 72,
-    ]), flush=True)
-    return record
+        history = task.history
+        curves = plot_curves(history, config.kl_target if config.adaptive_kl else None, config.kl_budget,
+                             job.output_dir / "ppo_curves.png")
+        checkpoint = save_policy_checkpoint(task.policy.model, cfg.ckpt_path,
+                                            job.output_dir / "checkpoints" / "policy.ckpt")
+        window = max(1, min(10, len(history) // 5))  # start and end as means over a few updates: one rollout is noisy
+        first = sum(row["ppo/score"] for row in history[:window]) / window
+        last = sum(row["ppo/score"] for row in history[-window:]) / window
+        kls = [row["ppo/kl"] for row in history]
+        record = {
+            "run_name": job.run_name, "group": job.group, "method": "ppo", "pretrained": str(cfg.ckpt_path),
+            "reward": plain(cfg.reward), "updates": len(history), "prompts": len(prompts), "seconds": seconds,
+            "score": {"first": first, "last": last, "window": window, "gain": last - first},
+            "kl": {"final": kls[-1], "max": max(kls), "budget": config.kl_budget, "target": config.kl_target,
+                   "within_budget": config.kl_budget is None or max(kls) <= config.kl_budget,
+                   "final_coef": task.kl.coef},
+            "guard_steps": int(sum(row["ppo/guard_steps"] for row in history)),
+            "samples": {k: [tokenizer.decode(t) for t in v] for k, v in task.samples.items()},
+            "history": history, "curves": str(curves), "checkpoint": str(checkpoint), "config": plain(cfg),
+        }
+        budget = f"budget {config.kl_budget}" if config.kl_budget else "no budget"
+        banner = [
+            f"PPO on {cfg.ckpt_path}: {len(history)} updates x {config.batch_size} prompts x {config.max_new_tokens} "
+            f"new tokens in {seconds:.0f}s",
+            f"reward ({_describe(cfg.reward)}): {first:.3f} -> {last:.3f} (mean of the first and last {window} updates)",
+            f"KL to reference: final {kls[-1]:.3f}, max {max(kls):.3f} nats per response ({budget}; "
+            f"{'within' if record['kl']['within_budget'] else 'OVER'}), beta {task.kl.coef:.4f}",
+            f"sample: {record['samples'].get('last', [''])[0]!r}",
+            f"curves: {curves}",
+            f"policy checkpoint: {checkpoint}",
+            *job.where(),
+        ]
+        summary = {"final/score": last, "start/score": first, "kl/max": max(kls), "kl/final": kls[-1],
+                   "kl/budget": config.kl_budget}
+        return job.finish(record, banner, summary=summary, images={"ppo/curves": curves})
 
 
 def _describe(reward: DictConfig) -> str:

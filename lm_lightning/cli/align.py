@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from lm_lightning.alignment.methods import FAMILIES, METHODS, Method, build_data
 from lm_lightning.alignment.policy import PolicyTask, cache_reference_logprobs, save_policy_checkpoint
 from lm_lightning.alignment.task import wilson_interval
 from lm_lightning.errors import UserError
-from lm_lightning.config.app import hydra_command, instantiate_group, plain, run_identity, set_threads
+from lm_lightning.config.app import hydra_command, plain, set_threads
+from lm_lightning.training.job import Job
 from lm_lightning.training.loading import load_trained
-from lm_lightning.tracking.records import write_run_record
 
 log = logging.getLogger("lm_lightning")
+
+
 def align(cfg: DictConfig) -> dict[str, Any]:
     set_threads(cfg.get("num_threads"))
     L.seed_everything(cfg.seed, workers=True)
@@ -47,36 +46,27 @@ def align(cfg: DictConfig) -> dict[str, Any]:
         scored = cache_reference_logprobs(task.reference, data.train, cfg.data.val_batch_size, data.pad_id)
         caching = {"sequences": scored, "seconds": time.perf_counter() - start}
 
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
-    name, group = run_identity(cfg.experiment_name)
     trainable = sum(p.numel() for p in task.trainable().parameters() if p.requires_grad)
-    loggers = instantiate_group(cfg.logger)
-    for logger in loggers:
-        logger.log_hyperparams({"config": plain(cfg), "trainable_parameters": trainable, **sizes})
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, enable_checkpointing=False)
-    trainer.fit(task, datamodule=data)
-    final = {k: float(v) for k, v in trainer.validate(task, datamodule=data, verbose=False)[0].items()}
-    low, high = wilson_interval(final["val/accuracy"], sizes["val_pairs"])
+    with Job(cfg, {"trainable_parameters": trainable, **sizes}) as job:
+        trainer = job.build_trainer(enable_checkpointing=False)
+        job.fit(task, datamodule=data)
+        final = job.final_validation(task, datamodule=data)
+        low, high = wilson_interval(final["val/accuracy"], sizes["val_pairs"])
 
-    checkpoint = output_dir / "checkpoints" / ("reward_model.ckpt" if cfg.method == "reward_model" else "policy.ckpt")
-    if isinstance(task, PolicyTask):
-        save_policy_checkpoint(task.policy, cfg.ckpt_path, checkpoint)
-    else:
-        trainer.save_checkpoint(checkpoint, weights_only=True)
+        name = "reward_model.ckpt" if cfg.method == "reward_model" else "policy.ckpt"
+        checkpoint = job.output_dir / "checkpoints" / name
+        if isinstance(task, PolicyTask):
+            save_policy_checkpoint(task.policy, cfg.ckpt_path, checkpoint)
+        else:
+            trainer.save_checkpoint(checkpoint, weights_only=True)
 
-    record = {"run_name": name, "group": group, "method": cfg.method, "pretrained": str(cfg.ckpt_path),
-              "data": {"format": cfg.data.format, "path": str(cfg.data.path), **sizes}, "steps": trainer.global_step,
-              "final": final, "accuracy_interval_95": [low, high], "reference_caching": caching,
-              "trainable_parameters": trainable, "checkpoint": str(checkpoint), "config": plain(cfg)}
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.summary.update({"final/val/accuracy": final["val/accuracy"], "final/val/accuracy_low": low,
-                                              "final/val/accuracy_high": high})
-            record["wandb_dir"] = str(Path(logger.experiment.dir).parent)
-            logger.experiment.finish()
-    write_run_record(output_dir / "run.json", record)
-    print("\n".join(["", "=" * 72, *summary_lines(cfg, method, record), "=" * 72]), flush=True)
-    return record
+        record = {"run_name": job.run_name, "group": job.group, "method": cfg.method, "pretrained": str(cfg.ckpt_path),
+                  "data": {"format": cfg.data.format, "path": str(cfg.data.path), **sizes},
+                  "steps": trainer.global_step, "final": final, "accuracy_interval_95": [low, high],
+                  "reference_caching": caching, "trainable_parameters": trainable, "checkpoint": str(checkpoint),
+                  "config": plain(cfg)}
+        return job.finish(record, [*summary_lines(cfg, method, record), *job.where()], final=final,
+                          summary={"final/val/accuracy_low": low, "final/val/accuracy_high": high})
 
 
 def summary_lines(cfg: DictConfig, method: Method, record: dict[str, Any]) -> list[str]:
@@ -94,9 +84,7 @@ def summary_lines(cfg: DictConfig, method: Method, record: dict[str, Any]) -> li
         caching = record["reference_caching"]
         lines.append(f"reference log-probabilities: {caching['sequences']} training sequences, cached once in "
                      f"{caching['seconds']:.1f} s")
-    lines += [f"checkpoint: {record['checkpoint']}",
-              f"W&B run folder: {record.get('wandb_dir') or '(W&B off)'}",
-              f"run record: {Path(HydraConfig.get().runtime.output_dir) / 'run.json'}"]
+    lines.append(f"checkpoint: {record['checkpoint']}")
     return lines
 
 

@@ -21,7 +21,6 @@ from lm_lightning.data.tokenizer import Tokenizer
 from lm_lightning.errors import UserError
 from lm_lightning.config.app import hydra_command, plain, set_threads
 from lm_lightning.training.loading import load_trained
-from lm_lightning.tracking.records import write_run_record
 from lm_lightning.tracking.sweep import sweep_row
 
 log = logging.getLogger("lm_lightning.cli.distill")
@@ -43,16 +42,17 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     log.info("teacher %s: %s parameters", cfg.teacher_ckpt, f"{teacher_params.total:,}")
     build = functools.partial(_distillation_task, teacher=teacher, tokenizer=teacher_tokenizer, config=config,
                               teacher_ckpt=str(cfg.teacher_ckpt))
-    # train() builds a DistillationTask instead of its LanguageModelTask; everything else of train() (data,
-    # loggers, callbacks, checkpoints, record, summary) is unchanged
-    record = training.train(cfg, task_class=build)
     shape = {k: getattr(teacher.config, k, None) for k in ("family", "n_layer", "n_head", "n_embd")}
-    record["teacher"] = {"checkpoint": str(cfg.teacher_ckpt), "parameters": teacher_params.as_dict(), "shape": shape}
-    record["distill"] = vars(config)
-    write_run_record(Path(record["output_dir"]) / "run.json", record)
-    if record["status"] == "finished":
-        _print_summary(record)
-    return record
+
+    def extend(record: dict[str, Any]) -> list[str]:
+        record["teacher"] = {"checkpoint": str(cfg.teacher_ckpt), "parameters": teacher_params.as_dict(),
+                             "shape": shape}
+        record["distill"] = vars(config)
+        return _summary_lines(record) if record["status"] == "finished" else []
+
+    # train() builds a DistillationTask instead of its LanguageModelTask; everything else of train() (data,
+    # loggers, callbacks, checkpoints, record, summary) is unchanged, the teacher added to the record and banner
+    return training.train(cfg, task_class=build, extend=extend)
 
 
 def _distillation_task(teacher, tokenizer: Tokenizer, config: DistillationConfig, teacher_ckpt: str,
@@ -61,18 +61,17 @@ def _distillation_task(teacher, tokenizer: Tokenizer, config: DistillationConfig
     return DistillationTask(**task_kwargs).set_teacher(teacher, config)
 
 
-def _print_summary(record: dict[str, Any]) -> None:
+def _summary_lines(record: dict[str, Any]) -> list[str]:
     teacher, final, settings = record["teacher"], record["final"], record["distill"]
     teacher_total, student_total = teacher["parameters"]["total"], record["parameters"]["total"]
-    print("\n".join([
+    return [
         f"distilled from {teacher['checkpoint']}",
         f"teacher: {teacher_total:,} parameters ({teacher['shape']['n_layer']} x {teacher['shape']['n_embd']}); "
         f"student: {student_total:,} ({teacher_total / student_total:.1f}x fewer)",
         f"temperature {settings['temperature']}, alpha {settings['alpha']}, hidden_weight {settings['hidden_weight']}",
         f"validation (same batches): student loss {final['val/loss']:.4f}, "
         f"teacher loss {final['val/teacher_loss']:.4f}, soft-target loss {final['val/kd_loss']:.4f} nats/token",
-        "=" * 72,
-    ]), flush=True)
+    ]
 
 
 @hydra_command("distill")

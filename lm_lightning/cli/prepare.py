@@ -14,7 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lm_lightning.data.corpus import PreparedCorpus, prepare_corpus
+from lm_lightning.data.corpus import prepare_corpus
+from lm_lightning.data.prepared_corpus import PreparedCorpus
 from lm_lightning.data.report import format_report, log_report
 from lm_lightning.config.app import hydra_command, plain
 

@@ -20,6 +20,7 @@ from lm_lightning.alignment.methods import FAMILIES, METHODS, Method, build_data
 from lm_lightning.alignment.policy import PolicyTask, cache_reference_logprobs, save_policy_checkpoint
 from lm_lightning.alignment.task import wilson_interval
 from lm_lightning.errors import UserError
+from lm_lightning.models.capabilities import family_of
 from lm_lightning.config.app import hydra_command, plain, set_threads
 from lm_lightning.training.job import Job
 from lm_lightning.training.loading import load_trained
@@ -34,7 +35,7 @@ def align(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"method={cfg.method!r}: choose one of {', '.join(METHODS)}, ppo (experiment=ppo)")
     method = METHODS[cfg.method]
     pretrained, tokenizer = load_trained(cfg.ckpt_path)
-    family = pretrained.hparams.model.get("family", "gpt")
+    family = family_of(pretrained.hparams.model)
     if family not in FAMILIES:
         raise UserError(f"align needs a decoder checkpoint ({' or '.join(FAMILIES)}); {cfg.ckpt_path} holds a {family} model")
     data, sizes = build_data(cfg, tokenizer, pretrained.model.context_length, method.unpaired)

@@ -16,6 +16,7 @@ from lm_lightning.adaptation.peft import count_trainable
 from lm_lightning.adaptation.recipes import TASK_FAMILIES, TASKS, backbone_preparation
 from lm_lightning.config.app import hydra_command, plain, set_threads
 from lm_lightning.errors import UserError
+from lm_lightning.models.capabilities import family_of
 from lm_lightning.training.ema import weight_averaging
 from lm_lightning.training.job import Job
 from lm_lightning.training.loading import load_trained
@@ -32,7 +33,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"task={cfg.task.name!r}: choose one of {', '.join(TASKS)}")
     pretrained, tokenizer = load_trained(cfg.ckpt_path)
     model_cfg = dict(pretrained.hparams.model)
-    family = model_cfg.get("family", "gpt")
+    family = family_of(model_cfg)  # a bidirectional recurrent checkpoint is "bidirectional <cell>"
     if cfg.get("backbone_dropout") is not None:
         if "dropout" not in model_cfg:
             raise UserError(f"backbone_dropout={cfg.backbone_dropout}: a {family} checkpoint has no dropout setting")

@@ -190,7 +190,7 @@ class DistillationTask(LanguageModelTask):
         if self.hidden_match is not None:
             hidden = self.hidden_match(self._hidden("student"), self._hidden("teacher"))
             loss = loss + config.hidden_weight * hidden
-        if self._trainer is not None and self.trainer._logger_connector.should_update_logs:
+        if self._step_reaches_loggers:
             self.log_dict({"train/kd_loss": soft.detach(), "train/total_loss": loss.detach()})
             if hidden is not None:
                 self.log("train/hidden_loss", hidden.detach())

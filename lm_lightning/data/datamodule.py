@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lm_lightning.data.corpus import PreparedCorpus, prepare_corpus
+from lm_lightning.data.corpus import prepare_corpus
+from lm_lightning.data.prepared_corpus import PreparedCorpus
 from lm_lightning.errors import UserError
+from lm_lightning.training.lightning_internals import batches_processed_in_epoch
 
 SAMPLING = ("shuffled", "random", "sequential")
 
@@ -173,8 +175,7 @@ class LMDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches": progress.processed}
+        return {"epoch": trainer.current_epoch, "batches": batches_processed_in_epoch(trainer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:

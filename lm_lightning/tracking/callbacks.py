@@ -1,12 +1,36 @@
-"""Training callbacks that Lightning does not ship in the form we need."""
+"""Training callbacks that Lightning does not ship in the form we need, and when logged metrics reach the loggers."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ThroughputMonitor as _LightningThroughputMonitor
+import torch
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+# the dtype whose peak Lightning looks up for a Trainer precision; any other precision computes in float32
+PEAK_DTYPES = {"64-true": torch.float64, "bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16,
+               "16-true": torch.float16, "16-mixed": torch.float16,
+               "transformer-engine": torch.int8, "transformer-engine-float16": torch.int8}
+
+
+def reaches_loggers(trainer: L.Trainer, step: int) -> bool:
+    """Whether what is logged during optimizer step ``step`` (counted from 1) is written to the loggers.
+
+    Lightning writes the logged metrics every ``trainer.log_every_n_steps`` steps, and on the step
+    where the trainer is stopping; never with ``log_every_n_steps=0``. Lightning keeps its own count
+    of these steps, ``trainer.global_step`` but for one case: resumed from a checkpoint written inside
+    a step (on an error) or after the end of a step that validated (at the end of a run), its count
+    runs one ahead, and the rows it writes then hold what was logged one step earlier.
+    """
+    if trainer.log_every_n_steps == 0:
+        return False
+    return step % trainer.log_every_n_steps == 0 or trainer.should_stop
 
 
 def _batch_size(batch: Any) -> int:
@@ -17,8 +41,15 @@ def _batch_tokens(batch: Any) -> int:
     return batch[:, 1:].numel()
 
 
-class ThroughputMonitor(_LightningThroughputMonitor):
-    """Lightning's ThroughputMonitor (tokens/s, FLOP/s, MFU) with a configurable peak.
+class ThroughputMonitor(Callback):
+    """Training throughput (tokens/s, FLOP/s, MFU) from Lightning's ``Throughput``, with a configurable peak.
+
+    Writes what Lightning's own ThroughputMonitor writes while fitting: every ``log_every_n_steps``
+    optimizer steps a row of ``train/<metric>`` (``train/device/items_per_sec``: tokens/s,
+    ``train/device/flops_per_sec``, ``train/device/mfu``, batches and samples per second over the
+    last ``window_size`` micro-batches; totals) on the step axis of the other metrics. Validation is
+    timed and taken out of the training clock, but not logged: its own batch counter as the step
+    would run backwards on the tracker's step axis.
 
     Lightning knows the peak FLOP/s of GPUs but not of CPUs; ``peak_flops`` fills the gap
     (default on CPU: 129 GFLOP/s, the fp32 matmul peak measured on this project's machines,
@@ -26,23 +57,79 @@ class ThroughputMonitor(_LightningThroughputMonitor):
     """
 
     def __init__(self, peak_flops: float | None = None, cpu_peak_flops: float = 129e9, window_size: int = 50) -> None:
-        super().__init__(batch_size_fn=_batch_size, length_fn=_batch_tokens, window_size=window_size)
-        self.peak_flops, self.cpu_peak_flops = peak_flops, cpu_peak_flops
+        self.peak_flops, self.cpu_peak_flops, self.window_size = peak_flops, cpu_peak_flops, window_size
+        self.available_flops: int | None = None  # peak FLOP/s of one device, for MFU
+        self._throughput: Throughput | None = None
+        self._batches = self._samples = self._tokens = 0  # training micro-batches, windows and tokens so far
+        self._t0 = 0.0  # start of the training clock (time.perf_counter), moved past each validation
+        self._elapsed = 0.0  # training clock at the latest micro-batch, s
+        self._step = 0  # trainer.global_step at the latest micro-batch
+        self._val_t0 = self._val_elapsed = 0.0  # start of the running validation, and its clock at its latest batch
+        self._flops_known: bool | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        device = trainer.strategy.root_device
         peak = self.peak_flops
-        if peak is None and self.available_flops is None and trainer.strategy.root_device.type == "cpu":
+        if peak is None:
+            peak = get_available_flops(device, PEAK_DTYPES.get(str(trainer.precision), torch.float32))
+        if peak is None and device.type == "cpu":
             peak = self.cpu_peak_flops
-        if peak is not None:
-            self.available_flops = int(peak)
-            for throughput in self._throughputs.values():
-                throughput.available_flops = int(peak)
+        self.available_flops = None if peak is None else int(peak)
+
+    @rank_zero_only
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._throughput = Throughput(available_flops=self.available_flops, world_size=trainer.world_size,
+                                      window_size=self.window_size)
+        self._batches = self._samples = self._tokens = 0
+        self._elapsed, self._step = 0.0, trainer.global_step
+        self._t0 = time.perf_counter()
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._elapsed = _clock(trainer) - self._t0
+        self._batches += 1
+        self._samples += _batch_size(batch)
+        self._tokens += _batch_tokens(batch)
+        self._throughput.update(time=self._elapsed, batches=self._batches, samples=self._samples,
+                                lengths=self._tokens, flops=self._flops_per_batch(pl_module))
+        # only once the optimizer has stepped (gradient accumulation over), so the step's time is included
+        stepped, self._step = trainer.global_step != self._step, trainer.global_step
+        if stepped and reaches_loggers(trainer, trainer.global_step):
+            metrics = {f"train{self._throughput.separator}{k}": v for k, v in self._throughput.compute().items()}
+            for logger in trainer.loggers:  # in a row of their own at the step of this step's other metrics
+                logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=trainer.global_step - 1)
+                logger.save()
+
+    @rank_zero_only
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val_t0, self._val_elapsed = time.perf_counter(), 0.0
 
     @rank_zero_only
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 *args: Any, **kwargs: Any) -> None:
-        # time validation (so it is taken out of training throughput) but do not log it: its own
-        # batch counter as the step would run backwards on the tracker's step axis
         if not trainer.sanity_checking:
-            self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)
+            self._val_elapsed = _clock(trainer) - self._val_t0
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        # the training clock goes on from the end of the last validation batch as if no time had passed since
+        # the last training batch: the gap up to validation and validation itself are not training time
+        self._t0 = self._val_t0 + self._val_elapsed - self._elapsed
+
+    def _flops_per_batch(self, pl_module: L.LightningModule) -> int | None:
+        if self._flops_known is None:
+            self._flops_known = hasattr(pl_module, "flops_per_batch")
+            if not self._flops_known:
+                rank_zero_warn(f"ThroughputMonitor needs a `flops_per_batch` attribute or property in "
+                               f"{type(pl_module).__name__} to compute FLOP/s and MFU")
+        return pl_module.flops_per_batch if self._flops_known else None
+
+
+def _clock(trainer: L.Trainer) -> float:
+    if trainer.strategy.root_device.type == "cuda":
+        torch.cuda.synchronize()  # the GPU's queued work belongs to the time measured
+    return time.perf_counter()

@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 
-from helpers import SHARED_DATA, run_cli
+from helpers import SHARED_DATA, run_in_process
 from omegaconf import OmegaConf
 
 from lm_lightning.adaptation.instructions import load_instructions, render_prompt
@@ -212,19 +212,20 @@ def test_reward_rows_do_not_depend_on_padding():
 
 
 @pytest.fixture(scope="module")
-def aligned(tmp_path_factory):
-    """A GPT trained for 5 steps on Tiny Shakespeare characters (64-character context), then
-    `lm-lightning align` with each ready experiment for 4 steps, as one multirun."""
+def aligned(tmp_path_factory, corpus_cache):
+    """A GPT trained for 5 steps on Tiny Shakespeare characters (64-character context: the session's 32
+    leaves too little for a prompt and its response), then `lm-lightning align` with each ready experiment
+    for 4 steps, as one multirun."""
     root = tmp_path_factory.mktemp("align")
-    run_cli("train", "experiment=tiny", "model.block_size=64", "trainer.max_steps=5", "scheduler.warmup_steps=1",
-            "logger=csv", "num_threads=1", "sample.max_new_tokens=0", f"hydra.run.dir={root / 'pre'}",
-            cwd=root, cache=root / "cache")
+    run_in_process("train", "experiment=tiny", "model.block_size=64", "trainer.max_steps=5", "scheduler.warmup_steps=1",
+                   "logger=csv", "num_threads=1", "sample.max_new_tokens=0", f"hydra.run.dir={root / 'pre'}",
+                   cwd=root, cache=corpus_cache)
     ckpt = root / "pre" / "checkpoints" / "last.ckpt"
-    proc = run_cli("align", "-m", "experiment=dpo,kto,reward_model", f"ckpt_path={ckpt}", "num_threads=1",
-                   "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.log_every_n_steps=2",
-                   "scheduler.warmup_steps=1", "data.max_train_pairs=64", "data.val_fraction=0.05",
-                   "data.max_prompt_tokens=24", "logger=csv", f"hydra.sweep.dir={root / 'sweep'}",
-                   cwd=root, cache=root / "cache")
+    proc = run_in_process("align", "-m", "experiment=dpo,kto,reward_model", f"ckpt_path={ckpt}", "num_threads=1",
+                          "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.log_every_n_steps=2",
+                          "scheduler.warmup_steps=1", "data.max_train_pairs=64", "data.val_fraction=0.05",
+                          "data.max_prompt_tokens=24", "logger=csv", f"hydra.sweep.dir={root / 'sweep'}",
+                          cwd=root, cache=root / "cache")
     runs = {name: next((root / "sweep").glob(f"{n}_*")) for n, name in enumerate(["dpo", "kto", "reward_model"])}
     return root, ckpt, proc.stdout, runs
 
@@ -272,8 +273,8 @@ def test_align_errors_are_one_line(aligned):
     root, ckpt, _, _ = aligned
     bad = root / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
-    proc = run_cli("align", "method=dpo", f"ckpt_path={ckpt}", "data.format=pairs", f"data.path={bad}", "logger=csv",
-                   f"hydra.run.dir={root / 'bad'}", cwd=root, cache=root / "cache", check=False)
+    proc = run_in_process("align", "method=dpo", f"ckpt_path={ckpt}", "data.format=pairs", f"data.path={bad}",
+                          "logger=csv", f"hydra.run.dir={root / 'bad'}", cwd=root, cache=root / "cache", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: preference file {bad}, row 2: missing field 'rejected' " \
                                                    "(every row needs prompt, chosen, rejected)"

@@ -1,4 +1,5 @@
-"""The command line as users meet it: multirun tracking, bad input, evaluate and generate on a checkpoint."""
+"""The command line as users meet it: multirun tracking, bad input, evaluate and generate on a checkpoint.
+The commands run in this process (``run_in_process``); the module entry point runs in its own (slow)."""
 
 from __future__ import annotations
 
@@ -6,22 +7,20 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import SHARED_DATA, run_cli, step_losses
+from helpers import SHARED_DATA, run_in_process, step_losses
 
 QUICK = ["experiment=tiny", "trainer.max_steps=30", "sample.max_new_tokens=0"]
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """One tiny tracked run shared by the evaluate/generate tests."""
-    root = tmp_path_factory.mktemp("run")
-    run_cli("train", *QUICK, f"hydra.run.dir={root / 'run'}", cwd=root, cache=root / "cache")
-    return root / "run"
+@pytest.fixture
+def trained_run(tiny_run) -> Path:
+    """One tiny tracked run shared by the evaluate/generate tests: the session's (QUICK, CSV log)."""
+    return tiny_run
 
 
-def test_multirun_gives_one_wandb_run_and_one_csv_log_per_job_in_one_group(tmp_path):
-    proc = run_cli("train", "-m", *QUICK, "model.n_layer=1,2", f"paths.log_dir={tmp_path / 'out'}",
-                   cwd=tmp_path, cache=tmp_path / "cache")
+def test_multirun_gives_one_wandb_run_and_one_csv_log_per_job_in_one_group(tmp_path, corpus_cache):
+    proc = run_in_process("train", "-m", *QUICK, "model.n_layer=1,2", f"paths.log_dir={tmp_path / 'out'}",
+                          cwd=tmp_path, cache=corpus_cache)
     jobs = sorted(p for p in (tmp_path / "out" / "tiny" / "multiruns").glob("*/*") if p.is_dir())
     assert len(jobs) == 2
     assert ["model.n_layer=1" in jobs[0].name, "model.n_layer=2" in jobs[1].name] == [True, True]
@@ -45,8 +44,8 @@ def test_multirun_gives_one_wandb_run_and_one_csv_log_per_job_in_one_group(tmp_p
 def test_evaluate_reports_loss_perplexity_and_bits_per_byte(trained_run, tmp_path):
     text = tmp_path / "held_out.txt"
     text.write_text((SHARED_DATA / "tinyshakespeare" / "input.txt").read_text()[-20000:])
-    proc = run_cli("evaluate", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"text_file={text}",
-                   f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, cache=tmp_path / "cache")
+    proc = run_in_process("evaluate", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"text_file={text}",
+                          f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, cache=tmp_path / "cache")
     line = next(l for l in proc.stdout.splitlines() if l.startswith(str(text)))
     loss = float(line.split("loss ")[1].split()[0])
     ppl = float(line.split("perplexity ")[1].split()[0])
@@ -59,12 +58,17 @@ def test_evaluate_reports_loss_perplexity_and_bits_per_byte(trained_run, tmp_pat
 def test_generate_samples_from_a_checkpoint_with_and_without_cache(trained_run, tmp_path):
     outs = []
     for cache in ("true", "false"):
-        proc = run_cli("generate", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "prompt=ROMEO:",
-                       "max_new_tokens=40", "temperature=0", f"use_cache={cache}", f"hydra.run.dir={tmp_path / cache}",
-                       cwd=tmp_path, cache=tmp_path / "cache")
+        proc = run_in_process("generate", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "prompt=ROMEO:",
+                              "max_new_tokens=40", "temperature=0", f"use_cache={cache}",
+                              f"hydra.run.dir={tmp_path / cache}", cwd=tmp_path, cache=tmp_path / "cache")
         outs.append(proc.stdout.split("--- sample 1 ---\n", 1)[1])
     assert outs[0].startswith("ROMEO:") and len(outs[0]) > len("ROMEO:")
     assert outs[0] == outs[1], "greedy decoding with the KV cache equals decoding without it"
+    # the README's sampling line: nucleus sampling, two samples (tests/test_readme.py leaves it to this test)
+    proc = run_in_process("generate", f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "prompt=ROMEO:",
+                          "top_p=0.9", "num_samples=2", "max_new_tokens=20", f"hydra.run.dir={tmp_path / 'top_p'}",
+                          cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.stdout.count("--- sample") == 2
 
 
 @pytest.mark.parametrize(
@@ -76,8 +80,8 @@ def test_generate_samples_from_a_checkpoint_with_and_without_cache(trained_run, 
     ],
 )
 def test_bad_input_ends_with_one_error_line_and_a_nonzero_exit(tmp_path, override, message):
-    proc = run_cli("train", *QUICK, override, f"paths.log_dir={tmp_path / 'out'}", cwd=tmp_path,
-                   cache=tmp_path / "cache", check=False)
+    proc = run_in_process("train", *QUICK, override, f"paths.log_dir={tmp_path / 'out'}", cwd=tmp_path,
+                          cache=tmp_path / "cache", check=False)
     assert proc.returncode == 2
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
@@ -96,20 +100,24 @@ def test_bad_input_ends_with_one_error_line_and_a_nonzero_exit(tmp_path, overrid
     ],
 )
 def test_a_missing_required_value_is_named_with_its_meaning_before_anything_runs(tmp_path, args, message):
-    proc = run_cli(*args, cwd=tmp_path, cache=tmp_path / "cache", check=False)
+    proc = run_in_process(*args, cwd=tmp_path, cache=tmp_path / "cache", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [message]
     assert not (tmp_path / "outputs").exists()  # refused at composition: no run folder, nothing trained
-    shown = run_cli(*args, "--cfg", "job", cwd=tmp_path, cache=tmp_path / "cache")  # printing the config still works
+    shown = run_in_process(*args, "--cfg", "job", cwd=tmp_path, cache=tmp_path / "cache")  # printing the config still works
     assert "???" in shown.stdout or "${required:}" in shown.stdout
 
 
-def test_empty_corpus_is_refused_and_earlier_outputs_survive(tmp_path, trained_run):
+def test_empty_corpus_is_refused_and_earlier_outputs_survive(tmp_path, tiny_run):
+    import shutil
+
+    trained_run = tmp_path / "run"  # a copy: the session's run folder is read by other tests meanwhile
+    shutil.copytree(tiny_run, trained_run)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")
     before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
-    proc = run_cli("train", *QUICK, "data=text", f"data.corpus.source.path={empty}", f"hydra.run.dir={trained_run}",
-                   cwd=tmp_path, cache=tmp_path / "cache", check=False)
+    proc = run_in_process("train", *QUICK, "data=text", f"data.corpus.source.path={empty}",
+                          f"hydra.run.dir={trained_run}", cwd=tmp_path, cache=tmp_path / "cache", check=False)
     assert proc.returncode == 2
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "corpus is empty" in errors[0] and str(empty) in errors[0]
@@ -118,21 +126,31 @@ def test_empty_corpus_is_refused_and_earlier_outputs_survive(tmp_path, trained_r
     assert not changed, f"a failed run touched earlier outputs: {changed}"
 
 
-def test_tensorboard_logger_and_module_entry_point(tmp_path):
-    """`python -m lm_lightning.cli.train` is the same app; logger=tensorboard writes event files beside the CSV log."""
+def test_tensorboard_logger_writes_event_files_beside_the_csv_log(tmp_path, corpus_cache):
+    env_run = run_in_process("train", *QUICK, "logger=tensorboard", f"hydra.run.dir={tmp_path / 'tb'}", cwd=tmp_path,
+                             cache=corpus_cache)
+    assert list((tmp_path / "tb" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "tb" / "csv" / "version_0" / "metrics.csv").is_file()
+    assert "W&B run folder:  (W&B off)" in env_run.stdout
+
+
+@pytest.mark.slow
+def test_module_entry_points_and_the_console_script_are_the_same_app(tmp_path):
+    """`python -m lm_lightning.cli.train` is the same app as `lm-lightning train`, and the installed console
+    script dispatches to it (the other tests call the dispatcher in their own process)."""
     import subprocess
     import sys
 
     from helpers import REPO
 
-    env_run = run_cli("train", *QUICK, "logger=tensorboard", f"hydra.run.dir={tmp_path / 'tb'}", cwd=tmp_path,
-                      cache=tmp_path / "cache")
-    assert list((tmp_path / "tb" / "tensorboard").rglob("events.out.tfevents.*"))
-    assert (tmp_path / "tb" / "csv" / "version_0" / "metrics.csv").is_file()
-    assert "W&B run folder:  (W&B off)" in env_run.stdout
     proc = subprocess.run([sys.executable, "-m", "lm_lightning.cli.train", "experiment=tiny", "--cfg", "job"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "experiment_name: tiny" in proc.stdout
+    script = Path(sys.executable).with_name("lm-lightning")
+    console = subprocess.run([str(script), "train", "experiment=sst2_head"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)
+    assert console.returncode == 2
+    assert console.stderr.strip().splitlines() == ["error: experiment=sst2_head is for lm-lightning finetune, not train"]
 
 
 def test_evaluate_and_generate_refuse_a_checkpoint_that_fails_its_checksum(trained_run, tmp_path):

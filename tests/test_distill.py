@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import run_cli
+from helpers import run_in_process
 from lm_lightning.compression.distill import (
     DistillationConfig,
     DistillationTask,
@@ -178,16 +178,15 @@ def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(tmp_path):
         check_same_tokenizer(teacher_tok, swapped.path.read_bytes(), "teacher.ckpt")
 
 
-def test_distill_command_trains_a_student_from_a_teacher_checkpoint(tmp_path):
-    cache = tmp_path / "cache"
+def test_distill_command_trains_a_student_from_a_teacher_checkpoint(tmp_path, tiny_checkpoint, corpus_cache):
+    cache = corpus_cache
     common = ["experiment=tiny", "logger=csv", "num_threads=1", "scheduler.warmup_steps=1", "trainer.max_steps=6",
               "trainer.val_check_interval=6", "trainer.limit_val_batches=2", "sample.max_new_tokens=0"]
-    run_cli("train", *common, f"hydra.run.dir={tmp_path / 'teacher'}", cwd=tmp_path, cache=cache)
-    teacher_ckpt = tmp_path / "teacher" / "checkpoints" / "last.ckpt"
+    teacher_ckpt = tiny_checkpoint  # experiment=tiny: the student's data and tokenizer
     student_dir = tmp_path / "student"
-    proc = run_cli("distill", *common, f"teacher_ckpt={teacher_ckpt}", "model.n_layer=1", "model.n_embd=16",
-                   "distill.hidden_weight=1.0", "distill.temperature=2.0", "distill.alpha=0.5", f"hydra.run.dir={student_dir}",
-                   cwd=tmp_path, cache=cache)
+    proc = run_in_process("distill", *common, f"teacher_ckpt={teacher_ckpt}", "model.n_layer=1", "model.n_embd=16",
+                          "distill.hidden_weight=1.0", "distill.temperature=2.0", "distill.alpha=0.5",
+                          f"hydra.run.dir={student_dir}", cwd=tmp_path, cache=cache)
     assert "distilled from" in proc.stdout and "temperature 2.0, alpha 0.5, hidden_weight 1.0" in proc.stdout
     record = json.loads((student_dir / "run.json").read_text())
     assert record["steps"] == 6 and record["status"] == "finished"

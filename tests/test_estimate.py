@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from lm_lightning.models.memory import activation_bytes, estimate, per_device
 from lm_lightning.models.gpt import build_gpt
 
-from helpers import run_cli
+from helpers import run_in_process
 
 SEVEN_B = ["model.n_layer=32", "model.n_embd=4096", "model.n_head=32", "model.block_size=4096", "vocab_size=65536",
            "model.tie_embeddings=false"]
 
 
 def test_7b_with_16_bit_weights_and_gradients_and_fp32_adam_moments_needs_84_gb(tmp_path):
-    out = run_cli("estimate", *SEVEN_B, "precision=bf16_true", "optimizer_state_dtype=float32",
-                  cwd=tmp_path, cache=tmp_path / "cache").stdout
+    out = run_in_process("estimate", *SEVEN_B, "precision=bf16_true", "optimizer_state_dtype=float32",
+                         cwd=tmp_path, cache=tmp_path / "cache").stdout
     params = int(re.search(r"parameters: ([\d,]+)", out).group(1).replace(",", ""))
     weights, grads, states, total = map(float, re.search(
         r"weights ([\d.]+) GB \+ gradients ([\d.]+) GB \+ optimizer states ([\d.]+) GB = ([\d.]+) GB", out).groups())

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import SHARED_DATA, run_cli
+from helpers import SHARED_DATA, run_in_process
 
 transformers = pytest.importorskip("transformers")  # the [hf] extra, installed by [test]
 
@@ -150,13 +150,10 @@ def test_a_word_tokenizer_ships_as_tokenizer_model_only(tmp_path, shakespeare):
 # --- from a checkpoint ---------------------------------------------------------------------------
 
 
-def test_export_command_on_a_trained_checkpoint_end_to_end(tmp_path):
-    run = tmp_path / "run"
-    run_cli("train", "experiment=tiny", "trainer.max_steps=2", "scheduler.warmup_steps=1", "logger=csv",
-            "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "sample.max_new_tokens=0", "num_threads=1",
-            f"hydra.run.dir={run}", cwd=tmp_path, cache=tmp_path / "cache")
-    ckpt, out = run / "checkpoints" / "last.ckpt", tmp_path / "hf"
-    proc = run_cli("export", f"ckpt_path={ckpt}", f"out_dir={out}", "num_threads=1", cwd=tmp_path, cache=tmp_path / "cache")
+def test_export_command_on_a_trained_checkpoint_end_to_end(tmp_path, tiny_checkpoint):
+    ckpt, out = tiny_checkpoint, tmp_path / "hf"
+    proc = run_in_process("export", f"ckpt_path={ckpt}", f"out_dir={out}", "num_threads=1", cwd=tmp_path,
+                          cache=tmp_path / "cache")
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith(f"exported {ckpt} to {out} as GPT2LMHeadModel | max |logit difference| ")
     assert float(line.split("max |logit difference| ")[1].split()[0]) < 1e-4

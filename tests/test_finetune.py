@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import run_cli
+from helpers import run_in_process
 from lm_lightning.adaptation.classification import ClassificationTask, SequenceClassifier
 from lm_lightning.errors import UserError
 from test_zoo import build, model_config
@@ -55,16 +55,15 @@ def test_a_model_without_features_cannot_take_a_classification_head():
         SequenceClassifier(build("t5", V + 106), n_classes=2)
 
 
-def test_finetune_command_trains_a_head_and_reports_dev_accuracy(tmp_path):
-    run_dir = tmp_path / "pre"
-    run_cli("train", "experiment=tiny", "trainer.max_steps=5", "scheduler.warmup_steps=1", "logger=csv",
-            f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=tmp_path / "cache")
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+def test_finetune_command_trains_a_head_and_reports_dev_accuracy(tmp_path, tiny_checkpoint, corpus_cache):
+    ckpt = tiny_checkpoint
     ft_dir = tmp_path / "ft"
-    proc = run_cli("finetune", f"ckpt_path={ckpt}", "task.max_train_examples=256", "trainer.max_steps=12",
-                   "trainer.val_check_interval=12", "warmup_steps=2", "backbone_dropout=0.1", "task.lm_weight=0.5",
-                   "ema.decay=0.9", "logger=csv", f"hydra.run.dir={ft_dir}", cwd=tmp_path, cache=tmp_path / "cache")
+    proc = run_in_process("finetune", f"ckpt_path={ckpt}", "task.max_train_examples=256", "trainer.max_steps=12",
+                          "trainer.val_check_interval=12", "warmup_steps=2", "backbone_dropout=0.1",
+                          "task.lm_weight=0.5", "ema.decay=0.9", "logger=csv", f"hydra.run.dir={ft_dir}", cwd=tmp_path,
+                          cache=tmp_path / "cache")
     assert "dev accuracy" in proc.stdout and "majority class 0.5092" in proc.stdout
+    assert "trainable parameters" in proc.stdout  # as the README's finetune lines show
     record = json.loads((ft_dir / "run.json").read_text())
     assert record["steps"] == 12 and 0.0 <= record["final"]["val/accuracy"] <= 1.0
     assert record["parameters"]["trainable"] == record["parameters"]["total"]
@@ -75,38 +74,40 @@ def test_finetune_command_trains_a_head_and_reports_dev_accuracy(tmp_path):
     assert "averaging_state" in finetuned  # ema.decay saved the average
     for method in ("lora", "adapter", "prompt"):
         out = tmp_path / method
-        run_cli("finetune", f"ckpt_path={ckpt}", "task.max_train_examples=128", "trainer.max_steps=4",
-                "trainer.val_check_interval=4", "warmup_steps=1", "logger=csv", f"peft={method}",
-                *(["peft.targets=[wte,c_attn,attn.c_proj,c_fc]"] if method == "lora" else []), f"hydra.run.dir={out}", cwd=tmp_path, cache=tmp_path / "cache")
+        run_in_process("finetune", f"ckpt_path={ckpt}", "task.max_train_examples=128", "trainer.max_steps=4",
+                       "trainer.val_check_interval=4", "warmup_steps=1", "logger=csv", f"peft={method}",
+                       *(["peft.targets=[wte,c_attn,attn.c_proj,c_fc]"] if method == "lora" else []),
+                       f"hydra.run.dir={out}", cwd=tmp_path, cache=tmp_path / "cache")
         params = json.loads((out / "run.json").read_text())["parameters"]
         assert params["trainable"] < 0.2 * params["total"], method  # the tiny model: head + method's parameters only
     adapter, full = tmp_path / "lora" / "checkpoints" / "lora_adapter.pt", tmp_path / "lora" / "checkpoints" / "finetuned.ckpt"
     assert adapter.stat().st_size < 0.5 * full.stat().st_size
-    no_layer = run_cli("finetune", f"ckpt_path={ckpt}", "peft=lora", "peft.targets=[q_proj]", "logger=csv",
-                       f"hydra.run.dir={tmp_path / 'nolayer'}", cwd=tmp_path, cache=tmp_path / "cache", check=False)
+    no_layer = run_in_process("finetune", f"ckpt_path={ckpt}", "peft=lora", "peft.targets=[q_proj]", "logger=csv",
+                              f"hydra.run.dir={tmp_path / 'nolayer'}", cwd=tmp_path, cache=tmp_path / "cache",
+                              check=False)
     assert no_layer.returncode == 2 and "q_proj" in no_layer.stderr.strip().splitlines()[-1]
     t5_dir = tmp_path / "t5"
-    run_cli("train", "experiment=t5", "trainer.max_steps=2", "scheduler.warmup_steps=1", "logger=csv",
-            "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "sample.max_new_tokens=0",
-            f"hydra.run.dir={t5_dir}", cwd=tmp_path, cache=tmp_path / "cache")
-    bad = run_cli("finetune", f"ckpt_path={t5_dir / 'checkpoints' / 'last.ckpt'}", "task.max_train_examples=64",
-                  "logger=csv", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path, cache=tmp_path / "cache", check=False)
+    run_in_process("train", "experiment=t5", "trainer.max_steps=2", "scheduler.warmup_steps=1", "logger=csv",
+                   "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "sample.max_new_tokens=0",
+                   f"hydra.run.dir={t5_dir}", cwd=tmp_path, cache=corpus_cache)
+    bad = run_in_process("finetune", f"ckpt_path={t5_dir / 'checkpoints' / 'last.ckpt'}", "task.max_train_examples=64",
+                         "logger=csv", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path, cache=tmp_path / "cache",
+                         check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: a t5 checkpoint cannot be fine-tuned for task=classification")
 
 
-def test_sst2_adaptation_benchmark_runs_the_ready_experiments_and_tabulates_their_records(tmp_path):
+@pytest.mark.slow
+def test_sst2_adaptation_benchmark_runs_the_ready_experiments_and_tabulates_their_records(tmp_path, tiny_checkpoint):
+    """The benchmark script starts an lm-lightning process per run (two at a time)."""
     import subprocess
     import sys
 
     from helpers import REPO, cli_env
 
-    run_dir = tmp_path / "pre"
-    run_cli("train", "experiment=tiny", "trainer.max_steps=3", "scheduler.warmup_steps=1", "logger=csv",
-            f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=tmp_path / "cache")
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sst2_adaptation.py"),
-                           "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(out),
+                           "--ckpt", str(tiny_checkpoint), "--out", str(out),
                            "--runs", "full,scratch,lora", "--jobs", "2", "task.max_train_examples=64",
                            "trainer.max_steps=3", "trainer.val_check_interval=3", "warmup_steps=1", "logger=csv"],
                           env=cli_env(tmp_path / "cache"), capture_output=True, text=True, timeout=600)

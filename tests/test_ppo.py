@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from helpers import run_cli
+from helpers import run_in_process
 from lm_lightning.alignment.ppo_losses import KLController, gae, ppo_policy_loss, ppo_value_loss
 from lm_lightning.alignment.ppo_rewards import RuleReward, build_reward
 from lm_lightning.alignment.ppo_task import PPOConfig, PPOTask
@@ -159,21 +159,12 @@ def test_ppo_raises_a_learnable_reward_within_the_kl_budget():
         assert all(math.isfinite(row[f"ppo/{name}"]) for row in task.history), name
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("pretrained")
-    run_cli("train", "experiment=tiny", "trainer.max_steps=10", "scheduler.warmup_steps=1", "logger=csv",
-            "sample.max_new_tokens=0", "num_threads=1", f"hydra.run.dir={run_dir}", cwd=run_dir,
-            cache=run_dir / "cache")
-    return run_dir / "checkpoints" / "last.ckpt"
-
-
 PROMPTS = "ppo.prompts=[ROMEO:,JULIET:,KING:,QUEEN:]"
 
 
 def align_ppo(*args: str, cwd, check: bool = True) -> subprocess.CompletedProcess:
-    """``lm-lightning align experiment=ppo <args>``."""
-    return run_cli("align", "experiment=ppo", *args, cwd=cwd, cache=cwd / "cache", check=check)
+    """``lm-lightning align experiment=ppo <args>``, in this process."""
+    return run_in_process("align", "experiment=ppo", *args, cwd=cwd, cache=cwd / "cache", check=check)
 
 
 SMALL = ["ppo.updates=6", "ppo.batch_size=4", "ppo.minibatch_size=2", "ppo.max_new_tokens=8", "num_threads=1"]

@@ -2,18 +2,17 @@
 offline W&B run; bad input ends with one ``error:`` line and exit status 2."""
 
 import json
-import os
-import subprocess
-import sys
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare/input.txt"
+from helpers import SHARED_DATA, run_in_process
+
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 
 
 def _prepare(tmp_path, *overrides):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, "-m", "lm_lightning.cli.prepare", "data=text", f"data.corpus.source.path={SHAKESPEARE}",
-                           "data.corpus.source.max_bytes=100000", "tokenizer.vocab_size=512", f"paths.cache_dir={tmp_path / 'cache'}",
-                           f"hydra.run.dir={tmp_path / 'run'}", *overrides], capture_output=True, text=True, env=env, timeout=120)
+    return run_in_process("prepare", "data=text", f"data.corpus.source.path={SHAKESPEARE}",
+                          "data.corpus.source.max_bytes=100000", "tokenizer.vocab_size=512",
+                          f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", *overrides,
+                          cwd=tmp_path, cache=tmp_path / "cache", check=False)
 
 
 def test_prepare_prints_saves_and_logs_the_report(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import run_cli
+from helpers import run_in_process
 from lm_lightning.compression.quantize import (
     FakeQuantLinear,
     Int8Linear,
@@ -130,18 +130,17 @@ def test_layers_without_int8_kernels_are_refused_in_one_line():
             check_supported(build(family, V))
 
 
-def test_quantize_command_on_a_trained_checkpoint(tmp_path):
-    cache = tmp_path / "cache"
-    run_cli("train", "experiment=tiny", "trainer.max_steps=5", "scheduler.warmup_steps=1", "logger=csv",
-            "sample.max_new_tokens=0", f"hydra.run.dir={tmp_path / 'pre'}", cwd=tmp_path, cache=cache)
-    ckpt = tmp_path / "pre" / "checkpoints" / "last.ckpt"
+def test_quantize_command_on_a_trained_checkpoint(tmp_path, tiny_checkpoint, corpus_cache):
+    cache = corpus_cache  # the checkpoint's corpus: its val split is scored, qat trains on its train split
+    ckpt = tiny_checkpoint
     common = [f"ckpt_path={ckpt}", "data=tinyshakespeare", "tokenizer=char", "logger=csv", "max_val_batches=2",
               "speed.repeats=1", "speed.new_tokens=8"]
     out = tmp_path / "qat"
     # qat scores the fp32 checkpoint, its post-training int8 and the int8 after fake-quant fine-tuning
-    proc = run_cli("quantize", *common, "method=qat", "trainer.max_steps=3", "scheduler.warmup_steps=1",
-                   f"hydra.run.dir={out}", cwd=tmp_path, cache=cache)
+    proc = run_in_process("quantize", *common, "method=qat", "trainer.max_steps=3", "scheduler.warmup_steps=1",
+                          f"hydra.run.dir={out}", cwd=tmp_path, cache=cache)
     assert "validation perplexity: fp32" in proc.stdout and "CPU tokens/s (1 thread): forward" in proc.stdout
+    assert "int8 model:" in proc.stdout  # the README's quantize line ends with where the int8 model is
     record = json.loads((out / "run.json").read_text())
     assert record["scheme"] == "dynamic" and len(record["int8_layers"]) == 8 and record["num_threads"] == 1
     assert set(record["results"]) == {"fp32", "ptq", "qat_fp32", "qat_fake_quant", "qat"}
@@ -163,7 +162,7 @@ def test_quantize_command_on_a_trained_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(int8(idx), qat.model(idx), atol=1e-5, rtol=0)
 
-    bad = run_cli("quantize", *common, "layers=[wte]", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path, cache=cache,
-                  check=False)
+    bad = run_in_process("quantize", *common, "layers=[wte]", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path,
+                         cache=cache, check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: layer 'wte' (wte) is an embedding table")

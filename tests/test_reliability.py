@@ -1,5 +1,6 @@
 """Fault injection: killed runs, interrupted checkpoint writes, signals, NaN batches, corrupted
-files, bad configs and failing sweep jobs (issue 8)."""
+files, bad configs and failing sweep jobs (issue 8). Runs that are killed or signalled run in their
+own process (slow); the rest in this one."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, start_cli, step_losses
+from helpers import run_cli, run_in_process, start_cli, step_losses
 
 from lm_lightning.errors import UserError
 from lm_lightning.tracking.records import read_metrics_csv
@@ -37,11 +38,13 @@ def _wandb_ids(run_dir: Path) -> set[str]:
     return {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
 
 
-def test_sigkill_between_checkpoints_then_resume_matches_an_uninterrupted_run(tmp_path):
-    cache, common = tmp_path / "cache", [*TINY, "trainer.max_steps=150", "scheduler.total_steps=150",
-                                         "callbacks.last_checkpoint.every_n_train_steps=30"]
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_then_resume_matches_an_uninterrupted_run(tmp_path, corpus_cache):
+    # one thread everywhere: the uninterrupted reference runs in this process, the killed run in its own
+    cache, common = corpus_cache, [*TINY, "trainer.max_steps=150", "scheduler.total_steps=150",
+                                   "callbacks.last_checkpoint.every_n_train_steps=30", "num_threads=1"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    run_cli("train", *common, f"hydra.run.dir={reference}", cwd=tmp_path, cache=cache)
+    run_in_process("train", *common, f"hydra.run.dir={reference}", cwd=tmp_path, cache=cache)
 
     proc = start_cli("train", *common, f"hydra.run.dir={killed}", cwd=tmp_path, cache=cache)
     _wait_for(killed / "checkpoints" / "last.ckpt.sha256", proc)
@@ -93,21 +96,23 @@ def test_a_kill_at_any_point_of_a_checkpoint_write_leaves_a_loadable_checkpoint(
     assert finished == (calls["n"] < killed_at)
 
 
-def test_resume_after_an_interrupted_checkpoint_write(tmp_path):
+def test_resume_after_an_interrupted_checkpoint_write(tmp_path, corpus_cache):
     """The on-disk state a kill mid-write leaves (a partial .tmp beside the good last.ckpt) resumes."""
-    cache, run = tmp_path / "cache", tmp_path / "run"
+    cache, run = corpus_cache, tmp_path / "run"
     common = [*TINY, "scheduler.total_steps=40", "callbacks.last_checkpoint.every_n_train_steps=10"]
-    run_cli("train", *common, "trainer.max_steps=20", f"hydra.run.dir={run}", cwd=tmp_path, cache=cache)
+    run_in_process("train", *common, "trainer.max_steps=20", f"hydra.run.dir={run}", cwd=tmp_path, cache=cache)
     last = run / "checkpoints" / "last.ckpt"
     (run / "checkpoints" / "last.ckpt.tmp").write_bytes(last.read_bytes()[:1000])
-    run_cli("train", *common, "trainer.max_steps=40", f"hydra.run.dir={run}", "ckpt_path=last", cwd=tmp_path, cache=cache)
+    run_in_process("train", *common, "trainer.max_steps=40", f"hydra.run.dir={run}", "ckpt_path=last", cwd=tmp_path,
+                   cache=cache)
     assert _checkpoint_step(last) == 40
 
 
-def test_sigterm_checkpoints_and_exits_zero_within_30_seconds(tmp_path):
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_zero_within_30_seconds(tmp_path, corpus_cache):
     run = tmp_path / "run"
     proc = start_cli("train", *TINY, "trainer.max_steps=100000", "callbacks.last_checkpoint.every_n_train_steps=20",
-                     f"hydra.run.dir={run}", cwd=tmp_path, cache=tmp_path / "cache")
+                     f"hydra.run.dir={run}", cwd=tmp_path, cache=corpus_cache)
     _wait_for(run / "checkpoints" / "last.ckpt.sha256", proc)
     time.sleep(0.3)
     sent = time.time()
@@ -123,11 +128,11 @@ def test_sigterm_checkpoints_and_exits_zero_within_30_seconds(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["skip", "stop"])
-def test_a_nan_batch_is_skipped_and_counted_or_stops_with_the_state_saved(tmp_path, mode):
+def test_a_nan_batch_is_skipped_and_counted_or_stops_with_the_state_saved(tmp_path, corpus_cache, mode):
     run = tmp_path / "run"
-    proc = run_cli("train", *TINY, "trainer.max_steps=12", f"callbacks.nonfinite.mode={mode}",
-                   "+callbacks.fault._target_=faults.NaNGradientAt", "+callbacks.fault.step=5", f"hydra.run.dir={run}",
-                   cwd=tmp_path, cache=tmp_path / "cache", check=False)
+    proc = run_in_process("train", *TINY, "trainer.max_steps=12", f"callbacks.nonfinite.mode={mode}",
+                          "+callbacks.fault._target_=faults.NaNGradientAt", "+callbacks.fault.step=5",
+                          f"hydra.run.dir={run}", cwd=tmp_path, cache=corpus_cache, check=False)
     if mode == "skip":
         assert proc.returncode == 0, proc.stderr[-3000:]
         record = json.loads((run / "run.json").read_text())
@@ -156,15 +161,15 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused_naming_it_and_the_previous_
         verify_checkpoint(path)
 
 
-def test_resuming_from_a_corrupted_checkpoint_is_one_error_line(tmp_path):
-    cache, run = tmp_path / "cache", tmp_path / "run"
-    run_cli("train", *TINY, "trainer.max_steps=10", f"hydra.run.dir={run}", cwd=tmp_path, cache=cache)
+def test_resuming_from_a_corrupted_checkpoint_is_one_error_line(tmp_path, corpus_cache):
+    cache, run = corpus_cache, tmp_path / "run"
+    run_in_process("train", *TINY, "trainer.max_steps=10", f"hydra.run.dir={run}", cwd=tmp_path, cache=cache)
     last = run / "checkpoints" / "last.ckpt"
     data = bytearray(last.read_bytes())
     data[100] ^= 0x01
     last.write_bytes(bytes(data))
-    proc = run_cli("train", *TINY, "trainer.max_steps=20", f"hydra.run.dir={run}", "ckpt_path=last", cwd=tmp_path,
-                   cache=cache, check=False)
+    proc = run_in_process("train", *TINY, "trainer.max_steps=20", f"hydra.run.dir={run}", "ckpt_path=last",
+                          cwd=tmp_path, cache=cache, check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(last) in errors[0] and "SHA-256" in errors[0]
@@ -181,17 +186,17 @@ def test_resuming_from_a_corrupted_checkpoint_is_one_error_line(tmp_path):
     ],
 )
 def test_bad_options_are_refused_at_compose_time_naming_the_option(tmp_path, override, message):
-    proc = run_cli("train", *TINY, *override.split(), f"paths.log_dir={tmp_path / 'out'}", cwd=tmp_path,
-                   cache=tmp_path / "cache", check=False)
+    proc = run_in_process("train", *TINY, *override.split(), f"paths.log_dir={tmp_path / 'out'}", cwd=tmp_path,
+                          cache=tmp_path / "cache", check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "out").exists(), "refused before any output folder was made"
 
 
-def test_a_failing_sweep_job_does_not_stop_the_others_and_the_sweep_reports_it(tmp_path):
-    proc = run_cli("train", "-m", *TINY, "trainer.max_steps=10", "model.norm=layernorm,bogus,rmsnorm",
-                   f"paths.log_dir={tmp_path / 'out'}", cwd=tmp_path, cache=tmp_path / "cache", check=False)
+def test_a_failing_sweep_job_does_not_stop_the_others_and_the_sweep_reports_it(tmp_path, corpus_cache):
+    proc = run_in_process("train", "-m", *TINY, "trainer.max_steps=10", "model.norm=layernorm,bogus,rmsnorm",
+                          f"paths.log_dir={tmp_path / 'out'}", cwd=tmp_path, cache=corpus_cache, check=False)
     assert proc.returncode == 1
     assert "sweep summary: 2 of 3 jobs finished, 1 failed" in proc.stdout
     summary = json.loads(next((tmp_path / "out").rglob("summary.json")).read_text())
@@ -200,21 +205,24 @@ def test_a_failing_sweep_job_does_not_stop_the_others_and_the_sweep_reports_it(t
     assert len(list((tmp_path / "out").rglob("run.json"))) == 2
 
 
-def test_same_seed_gives_identical_losses_in_deterministic_mode(tmp_path):
+def test_same_seed_gives_identical_losses_in_deterministic_mode(tmp_path, corpus_cache):
     """Needed: the same `seed` and `trainer.deterministic=true` (deterministic kernels); the data
     order is a function of the seed alone."""
     runs = []
     for name in ("a", "b"):
-        run_cli("train", *TINY, "trainer.max_steps=50", "trainer.deterministic=true", "seed=7",
-                f"hydra.run.dir={tmp_path / name}", cwd=tmp_path, cache=tmp_path / "cache")
+        run_in_process("train", *TINY, "trainer.max_steps=50", "trainer.deterministic=true", "seed=7",
+                       f"hydra.run.dir={tmp_path / name}", cwd=tmp_path, cache=corpus_cache)
         runs.append(step_losses(tmp_path / name))
     assert len(runs[0]) == 50 and runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "edit"])
-def test_a_damaged_token_file_is_refused_naming_the_file(tmp_path, damage):
+def test_a_damaged_token_file_is_refused_naming_the_file(tmp_path, corpus_cache, damage):
+    import shutil
+
     cache, run = tmp_path / "cache", tmp_path / "run"
-    run_cli("train", *TINY, "trainer.max_steps=10", f"hydra.run.dir={run}", cwd=tmp_path, cache=cache)
+    shutil.copytree(corpus_cache, cache)  # damaged below: a copy of the session's prepared corpus
+    run_in_process("train", *TINY, "trainer.max_steps=10", f"hydra.run.dir={run}", cwd=tmp_path, cache=cache)
     train_bin = next(cache.glob("*/train.bin"))
     data = bytearray(train_bin.read_bytes())
     if damage == "truncate":
@@ -222,8 +230,8 @@ def test_a_damaged_token_file_is_refused_naming_the_file(tmp_path, damage):
     else:
         data[1000] ^= 0x01
     train_bin.write_bytes(bytes(data))
-    proc = run_cli("train", *TINY, "trainer.max_steps=10", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path,
-                   cache=cache, check=False)
+    proc = run_in_process("train", *TINY, "trainer.max_steps=10", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path,
+                          cache=cache, check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"token file {train_bin}" in errors[0], proc.stderr[-2000:]

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from helpers import offline_wandb_summary, run_cli
+from helpers import offline_wandb_summary, run_in_process
 from lm_lightning.scaling.budget import model_figures, plan_budget, shape_for_depth
 
 GPT = {"_target_": "lm_lightning.models.gpt.build_gpt", "vocab_size": 1024, "block_size": 128, "n_layer": 2,
@@ -42,12 +42,12 @@ def test_tokens_per_param_picks_the_depth_closest_to_the_ratio():
     assert ratio(plan.n_layer - 1) > 20 > ratio(plan.n_layer + 1)  # deeper models see fewer tokens per parameter
 
 
-def test_compute_budget_mode_trains_the_planned_run_and_records_N_D_C(tmp_path):
+def test_compute_budget_mode_trains_the_planned_run_and_records_N_D_C(tmp_path, corpus_cache):
     budget = 2e10
     run_dir = tmp_path / "run"
-    proc = run_cli("train", "experiment=tiny", f"scaling.compute_budget={budget}", "scaling.aspect_ratio=16",
-                   "scaling.head_size=16", "model.n_layer=2", "scheduler.warmup_steps=1", "trainer.val_check_interval=5",
-                   f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=tmp_path / "cache")
+    proc = run_in_process("train", "experiment=tiny", f"scaling.compute_budget={budget}", "scaling.aspect_ratio=16",
+                          "scaling.head_size=16", "model.n_layer=2", "scheduler.warmup_steps=1",
+                          "trainer.val_check_interval=5", f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=corpus_cache)
     assert "compute budget: n_layer 2, n_embd 32, n_head 2" in proc.stdout + proc.stderr
     record = json.loads((run_dir / "run.json").read_text())
     compute = record["compute"]
@@ -59,20 +59,20 @@ def test_compute_budget_mode_trains_the_planned_run_and_records_N_D_C(tmp_path):
     assert offline_wandb_summary(run_dir, "final/val/loss") == pytest.approx(record["final"]["val/loss"])
 
 
-def test_scaling_fit_reads_a_sweep_back_from_its_run_records(tmp_path):
+def test_scaling_fit_reads_a_sweep_back_from_its_run_records(tmp_path, corpus_cache):
     """A 4-size sweep (each its own tracker run), then `scaling fit` on its folder, offline."""
     logs = tmp_path / "logs"
-    run_cli("train", "-m", "experiment=tiny", "model.n_layer=1,2,3,4", "scaling.aspect_ratio=16", "scaling.head_size=16",
-            "trainer.max_steps=40", "trainer.val_check_interval=40", f"paths.log_dir={logs}", "sample.max_new_tokens=0",
-            cwd=tmp_path, cache=tmp_path / "cache")
+    run_in_process("train", "-m", "experiment=tiny", "model.n_layer=1,2,3,4", "scaling.aspect_ratio=16",
+                   "scaling.head_size=16", "trainer.max_steps=40", "trainer.val_check_interval=40",
+                   f"paths.log_dir={logs}", "sample.max_new_tokens=0", cwd=tmp_path, cache=corpus_cache)
     sweep = next(logs.glob("tiny/multiruns/*"))
     jobs = sorted(p.parent for p in sweep.glob("*/run.json"))
     assert len(jobs) == 4
     summaries = [offline_wandb_summary(job, "compute") for job in jobs]  # each job its own tracker run
     assert len({s["N"] for s in summaries}) == 4
     assert all(offline_wandb_summary(job, "final/val/loss") > 0 for job in jobs)
-    proc = run_cli("scaling", "fit", f"runs=[{sweep}]", "n_bootstrap=50", "tracker.mode=offline", cwd=tmp_path,
-                   cache=tmp_path / "cache")
+    proc = run_in_process("scaling", "fit", f"runs=[{sweep}]", "n_bootstrap=50", "tracker.mode=offline", cwd=tmp_path,
+                          cache=tmp_path / "cache")
     assert "scaling fit over 4 runs" in proc.stdout and "L(N)" in proc.stdout
     fits = json.loads((sweep / "scaling_fit" / "fits.json").read_text())
     assert len(fits["runs"]) == 4 and fits["L(N)"]["alpha"] > 0

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import SHARED_DATA, run_cli, step_losses
+from helpers import SHARED_DATA, run_in_process, step_losses
 from lm_lightning.adaptation.instructions import Instruction, load_instructions, render_prompt
 from lm_lightning.adaptation.sft import IGNORE, encode_example, response_loss, sft_batch
 from lm_lightning.errors import UserError
@@ -86,17 +86,19 @@ def test_jsonl_rows_and_an_optional_input_are_read(tmp_path):
     assert "### Input:\nd" in render_prompt(Instruction("c", "d", "e"))
 
 
-def test_sft_command_lowers_the_response_loss_and_answers_held_back_instructions(tmp_path):
-    cache = tmp_path / "cache"
+def test_sft_command_lowers_the_response_loss_and_answers_held_back_instructions(tmp_path, corpus_cache):
+    # its own pre-trained model: SFT's prompt and response need a 256-token context (the session's has 32)
+    cache = corpus_cache
     pre = tmp_path / "pre"
-    run_cli("train", "experiment=tiny", "model.block_size=256", "trainer.max_steps=5", "scheduler.warmup_steps=1",
-            "logger=csv", f"hydra.run.dir={pre}", cwd=tmp_path, cache=cache)
+    run_in_process("train", "experiment=tiny", "model.block_size=256", "trainer.max_steps=5",
+                   "scheduler.warmup_steps=1", "logger=csv", f"hydra.run.dir={pre}", cwd=tmp_path, cache=cache)
     ckpt = pre / "checkpoints" / "last.ckpt"
     out = tmp_path / "sft"
-    proc = run_cli("finetune", "task=sft", f"ckpt_path={ckpt}", "task.max_train_examples=300", "task.val_examples=20",
-                   "max_length=256", "batch_size=8", "lr=3e-3", "warmup_steps=2", "trainer.max_steps=40",
-                   "trainer.val_check_interval=40", "trainer.log_every_n_steps=1", "task.generation.max_new_tokens=8",
-                   "logger=csv", f"hydra.run.dir={out}", cwd=tmp_path, cache=cache)
+    proc = run_in_process("finetune", "task=sft", f"ckpt_path={ckpt}", "task.max_train_examples=300",
+                          "task.val_examples=20", "max_length=256", "batch_size=8", "lr=3e-3", "warmup_steps=2",
+                          "trainer.max_steps=40", "trainer.val_check_interval=40", "trainer.log_every_n_steps=1",
+                          "task.generation.max_new_tokens=8", "logger=csv", f"hydra.run.dir={out}", cwd=tmp_path,
+                          cache=cache)
     losses = step_losses(out)
     first, last = [losses[s] for s in sorted(losses)[:5]], [losses[s] for s in sorted(losses)[-5:]]
     assert sum(last) / 5 < 0.9 * sum(first) / 5, (first, last)
@@ -105,11 +107,12 @@ def test_sft_command_lowers_the_response_loss_and_answers_held_back_instructions
     rows = json.loads((SHARED_DATA / "alpaca" / "alpaca_data_1k.json").read_text())
     assert [a["instruction"] for a in record["heldout_answers"]] == [r["instruction"] for r in rows[-3:]]
     assert "answers to 3 held-back instructions:" in proc.stdout and "held-out response loss" in proc.stdout
+    assert "trainable parameters" in proc.stdout  # as the README's finetune lines show
 
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "a"}]')
-    failed = run_cli("finetune", "task=sft", f"ckpt_path={ckpt}", f"task.data_file={bad}", "logger=csv",
-                     f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path, cache=cache, check=False)
+    failed = run_in_process("finetune", "task=sft", f"ckpt_path={ckpt}", f"task.data_file={bad}", "logger=csv",
+                            f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path, cache=cache, check=False)
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines()[-1] == f"error: instruction file {bad}, row 1: missing field output " \
         "(every row needs instruction and output; input is optional)"

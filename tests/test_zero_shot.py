@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import run_in_process
 from lm_lightning.adaptation.zero_shot import candidate_logprobs, classify
 from test_zoo import GENERATIVE, Chars, build
 
@@ -38,19 +38,17 @@ def test_classify_picks_the_most_likely_verbalizer():
     assert classify(model, tokenizer, ["abc"], ["d", "e"]) == [int(scores[1] > scores[0])]
 
 
-def test_score_command_prints_accuracy_beside_the_majority_baseline(tmp_path):
-    run_dir = tmp_path / "run"
-    run_cli("train", "experiment=tiny", "trainer.max_steps=5", "scheduler.warmup_steps=1", "logger=csv",
-            f"hydra.run.dir={run_dir}", cwd=tmp_path, cache=tmp_path / "cache")
-    proc = run_cli("score", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "max_examples=40", cwd=tmp_path,
-                   cache=tmp_path / "cache")
+def test_score_command_prints_accuracy_beside_the_majority_baseline(tmp_path, tiny_run):
+    run_dir = tiny_run
+    proc = run_in_process("score", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "max_examples=40",
+                          cwd=tmp_path, cache=tmp_path / "cache")
     line = proc.stdout.strip().splitlines()[-1]
     assert "40 examples | zero-shot accuracy" in line and "majority-class baseline" in line
     accuracy = float(line.split("zero-shot accuracy ")[1].split()[0])
     assert 0.0 <= accuracy <= 1.0
-    again = run_cli("evaluate", "task=zero_shot", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-                    "max_examples=40", cwd=tmp_path, cache=tmp_path / "cache")
+    again = run_in_process("evaluate", "task=zero_shot", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                           "max_examples=40", cwd=tmp_path, cache=tmp_path / "cache")
     assert again.stdout.strip().splitlines()[-1] == line  # `evaluate task=zero_shot` is the same command
-    bad = run_cli("score", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "label_column=polarity",
-                  cwd=tmp_path, cache=tmp_path / "cache", check=False)
+    bad = run_in_process("score", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "label_column=polarity",
+                         cwd=tmp_path, cache=tmp_path / "cache", check=False)
     assert bad.returncode == 2 and "has no column 'polarity'" in bad.stderr.strip().splitlines()[-1]

@@ -16,13 +16,14 @@ def check_overrides(config_name: str, args: list[str]) -> str | None:
     """Composes the config once with the command-line overrides; returns a one-line problem or None.
 
     Hydra reports a bad override over several lines; users get one line that names the key and
-    the valid choices. Sweeps (``a=1,2``) are checked with their first value.
+    the valid choices. Sweeps (``a=1,2``) are checked with their first value, except an experiment
+    sweep: each experiment must be one of this command's.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
-    overrides = []
+    overrides, experiments = [], []
     parser = OverridesParser.create()
     for arg in args:
         if arg.startswith("-") or "=" not in arg or arg.startswith("hydra"):
@@ -31,9 +32,14 @@ def check_overrides(config_name: str, args: list[str]) -> str | None:
             override = parser.parse_override(arg)
         except OverrideParseException as err:
             return f"cannot parse override {arg!r}: {str(err).splitlines()[0]}"
+        if override.key_or_group == "experiment":
+            experiments += (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                            else [override.get_value_element_as_str()])
         if override.is_sweep_override():
             arg = f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
         overrides.append(arg)
+    if problem := _experiment_of_another_command(config_name, experiments):
+        return problem
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
@@ -51,6 +57,28 @@ def check_overrides(config_name: str, args: list[str]) -> str | None:
     if missing and not printing_only:
         return _required(missing, config_name)
     return None
+
+
+def _experiment_of_another_command(config_name: str, experiments: list[str]) -> str | None:
+    """``experiment=sst2_head is for lm-lightning finetune, not train``: each experiment names its command
+    (its ``command`` key). Commands built on another's config (distill and scaling plan on train's) share
+    their experiments; an experiment file that does not exist is left to composition to report."""
+    for name in experiments:
+        path = Path(CONF_DIR) / "experiment" / f"{name}.yaml"
+        command = OmegaConf.load(path).get("command") if path.is_file() else None
+        if command and _base_config(command.replace(" ", "_")) != _base_config(config_name):
+            return f"experiment={name} is for lm-lightning {command}, not {config_name.replace('_', ' ')}"
+    return None
+
+
+def _base_config(config_name: str) -> str:
+    """The top-level config that ``config_name`` extends through its defaults list (distill: train), else itself."""
+    path = Path(CONF_DIR) / f"{config_name}.yaml"
+    defaults = (OmegaConf.load(path).get("defaults") or []) if path.is_file() else []
+    for entry in defaults:
+        if isinstance(entry, str) and entry != "_self_" and (Path(CONF_DIR) / f"{entry}.yaml").is_file():
+            return _base_config(entry)
+    return config_name
 
 
 REQUIRED = "${required:}"  # an experiment's required value: ``???`` in an overlay would keep the default

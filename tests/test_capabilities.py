@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from helpers import REPO, run_cli
+from helpers import REPO, run_in_process
 from lm_lightning.config.app import CONF_DIR
 from lm_lightning.config.checks import check_train_config
 from lm_lightning.errors import IncompatiblePair, UserError
@@ -116,7 +116,7 @@ def test_the_grid_sweep_runs_the_toy_family_and_counts_its_skipped_pairs(toy_con
     (toy_conf / "nsp_grid.yaml").write_text(
         "defaults:\n  - arch_objective_grid\n  - _self_\n"
         f"hydra:\n  searchpath: [file://{REPO / 'sweeps'}]\n  sweeper:\n    params:\n      objective: mlm_nsp\n")
-    proc = run_cli("train", "-m", "--config-dir", str(toy_conf), "--config-name", "nsp_grid", "trainer.max_steps=2",
+    proc = run_in_process("train", "-m", "--config-dir", str(toy_conf), "--config-name", "nsp_grid", "trainer.max_steps=2",
                    "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "scheduler.warmup_steps=0",
                    "data.corpus.source.max_bytes=20000", "logger=csv", f"paths.log_dir={tmp_path / 'logs'}",
                    cwd=tmp_path, cache=tmp_path / "cache")

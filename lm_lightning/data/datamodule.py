@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lm_lightning.data.corpus import prepare_corpus
 from lm_lightning.data.prepared_corpus import PreparedCorpus
 from lm_lightning.errors import UserError
+from lm_lightning.parallel.cuda import pin_memory_for
 from lm_lightning.training.lightning_internals import batches_processed_in_epoch
 
 SAMPLING = ("shuffled", "random", "sequential")
@@ -168,6 +169,7 @@ class LMDataModule(L.LightningDataModule):
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.trainer is not None and pin_memory_for(self.trainer.accelerator),  # CUDA only
         )
 
     def state_dict(self) -> dict[str, Any]:

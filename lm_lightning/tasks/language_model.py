@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lm_lightning.parallel.cuda import optimizer_kwargs_for, use_tf32_on_cuda
 from lm_lightning.tasks.metrics import LanguageModelMetrics, Ratio
 from lm_lightning.tracking.callbacks import reaches_loggers
 
@@ -146,11 +147,15 @@ class LanguageModelTask(L.LightningModule):
             self.last_val_step = self.global_step
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False)
 
+    def on_fit_start(self) -> None:
+        use_tf32_on_cuda(self.device)  # fp32 matmuls on TF32 cores; CUDA only
+
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise RuntimeError("LanguageModelTask was built without an optimizer: it can evaluate but not train")
         weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(params=weight_decay_groups(self.model, weight_decay))
+        optimizer = self.optimizer_factory(params=weight_decay_groups(self.model, weight_decay),
+                                           **optimizer_kwargs_for(self.optimizer_factory, self.device))  # fused on CUDA
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

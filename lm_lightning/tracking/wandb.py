@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 MODES = ("auto", "online", "offline", "disabled")
 
@@ -43,13 +44,15 @@ def wandb_logger(mode: str = "auto", save_dir: str = ".", **kwargs: Any) -> Wand
     """Lightning's WandbLogger with the mode resolved; quiet, and without the login prompt.
 
     The run id is kept in ``<save_dir>/wandb_run_id``: a job resumed in its own folder
-    continues the same W&B run (online or offline) instead of starting a new one.
+    continues the same W&B run (online or offline) instead of starting a new one. Only global rank 0
+    (``rank_zero_only.rank``, from torchrun's or SLURM's environment) writes that file, as only it
+    creates the run: the ranks of a multi-node job share the run folder and would race to write it.
     """
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")  # the CSV log and the console keep the text; W&B keeps metrics
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     id_file = Path(save_dir) / "wandb_run_id"
-    if "id" not in kwargs:
+    if "id" not in kwargs and rank_zero_only.rank == 0:
         if not id_file.is_file():
             alphabet = string.ascii_lowercase + string.digits  # the form of W&B's own run ids
             id_file.write_text("".join(secrets.choice(alphabet) for _ in range(8)))

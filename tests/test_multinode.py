@@ -1,0 +1,95 @@
+"""Issue 19: a multi-node job started by torchrun's rendezvous trains as the same job on one node, and its
+run folder, run record and tracker run are made once per job: two torchrun agents on this machine act as two
+nodes of one CPU process each (gloo), against Lightning's own 2-process DDP run."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.utilities import rank_zero_only
+
+from lm_lightning.tracking.wandb import wandb_logger
+
+from helpers import cli_env, step_losses
+
+# 10 steps of a 2-layer, 32-wide GPT on a global batch of 8 windows × 32 characters (tests/test_scaleout.py's run)
+TINY = ["experiment=tiny", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "trainer.val_check_interval=100",
+        "trainer.limit_val_batches=1", "callbacks.throughput=null", "scheduler.total_steps=10", "trainer.max_steps=10",
+        "sample.max_new_tokens=0", "data.corpus.source.max_bytes=20000", "global_batch_tokens=256", "num_threads=1",
+        "strategy=ddp"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(command: list[str], cwd: Path, cache: Path, log: Path) -> subprocess.Popen:
+    """``command`` in its own process, its output to ``log`` (a file: a full pipe would stall a rank)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=cwd, env=cli_env(cache), stdout=out, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
+def torchrun_node(port: int, run_dir: Path, cwd: Path, cache: Path, log: Path) -> subprocess.Popen:
+    """One node's agent, as the README's Scale-out section starts it (one process per node here)."""
+    torchrun = Path(sys.executable).with_name("torchrun")  # the virtual environment's
+    return start([str(torchrun), "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                  f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test-multinode",
+                  "-m", "lm_lightning.cli.train", *TINY, "trainer.num_nodes=2", "trainer.devices=1",
+                  f"hydra.run.dir={run_dir}"], cwd, cache, log)
+
+
+def finished(proc: subprocess.Popen, what: str) -> str:
+    proc.wait(timeout=300)
+    out = proc.log.read_text()
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_train_as_one_ddp_job_with_one_run(tmp_path, corpus_cache):
+    nodes_cwd, reference_cwd = tmp_path / "nodes", tmp_path / "reference"
+    nodes_cwd.mkdir()
+    reference_cwd.mkdir()
+    run = nodes_cwd / "run"
+    port = free_port()
+    # the reference (Lightning starts the second rank) runs beside the two agents: one wait for all three
+    reference = start([sys.executable, "-m", "lm_lightning", "train", *TINY, "logger=csv", "trainer.devices=2",
+                       f"hydra.run.dir={reference_cwd / 'run'}"], reference_cwd, corpus_cache, tmp_path / "reference.log")
+    agents = [torchrun_node(port, run, nodes_cwd, corpus_cache, tmp_path / f"node{i}.log") for i in range(2)]
+    outputs = [finished(agent, f"torchrun node {i}") for i, agent in enumerate(agents)]
+    finished(reference, "2-process DDP reference")
+
+    assert any("GLOBAL_RANK: 1, MEMBER: 2/2" in out for out in outputs)  # one job of two ranks, one per agent
+    losses, expected = step_losses(run), step_losses(reference_cwd / "run")
+    assert sorted(losses) == list(range(10)) and sorted(expected) == list(range(10))
+    for step in range(10):
+        assert abs(losses[step] - expected[step]) <= 1e-5, (step, losses[step], expected[step])
+
+    # once per job: the one folder given (nothing time-stamped under outputs/), one record, one W&B run
+    assert sorted(p.name for p in nodes_cwd.iterdir()) == ["run"]
+    assert list(nodes_cwd.rglob("run.json")) == [run / "run.json"]
+    assert len(list(run.glob("csv/version_*"))) == 1
+    (wandb_run,) = run.glob("wandb/offline-run-*")
+    assert wandb_run.name.endswith("-" + (run / "wandb_run_id").read_text().strip())  # the id rank 0 wrote
+
+
+def test_only_global_rank_zero_keeps_the_wandb_run_id(tmp_path, monkeypatch):
+    """Every rank builds the loggers in the shared run folder; only rank 0 creates the W&B run, so only it
+    writes the id a resumed job continues (a rank writing its own would race rank 0's)."""
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    wandb_logger(mode="disabled", save_dir=str(tmp_path))
+    assert not (tmp_path / "wandb_run_id").exists()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    wandb_logger(mode="disabled", save_dir=str(tmp_path))
+    kept = (tmp_path / "wandb_run_id").read_text()
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    wandb_logger(mode="disabled", save_dir=str(tmp_path))
+    assert (tmp_path / "wandb_run_id").read_text() == kept and len(kept) == 8

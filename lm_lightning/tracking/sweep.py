@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 log = logging.getLogger("lm_lightning")
@@ -40,50 +42,87 @@ def sweep_row(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: records each job's outcome; at the end prints a table, writes
-    ``<sweep>/summary.json`` and exits with status 1 when any job failed."""
+    """Hydra callback: each job writes its outcome to ``<job>/job_outcome.json``; at the end of the multirun the
+    parent process reads them back, prints a table, writes ``<sweep>/summary.json`` and exits with status 1 when
+    any job failed.
 
-    def __init__(self) -> None:
-        self.jobs: list[dict[str, Any]] = []
+    The job hooks run where the job runs (the parent under the basic launcher, a worker process under joblib, a
+    SLURM or local submitit job), so they leave files; ``on_multirun_end`` runs in the parent under every launcher.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _first_rank():
+            return
+        for stale in _outcome_files(Path(config.hydra.sweep.dir)):  # a sweep folder used before: its old jobs
+            stale.unlink()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        overrides = " ".join(job_return.overrides or [])
-        if job_return.status == JobStatus.FAILED:
-            outcome, detail = "failed", f"{type(job_return._return_value).__name__}: {job_return._return_value}"
-        elif isinstance(job_return._return_value, JobFailure):
-            outcome, detail = "failed", job_return._return_value.message
-        elif isinstance(job_return._return_value, JobSkipped):
-            outcome, detail = "skipped", job_return._return_value.message
-        else:
-            value = job_return._return_value
-            if isinstance(value, dict):
-                row = value
-                value = row.get("val_loss")
-            outcome, detail = "ok", f"val/loss {value:.4f}" if isinstance(value, float) else ""
-        detail = " ".join(detail.split())  # one line per job in the table
-        job = {"job": len(self.jobs), "overrides": overrides, "outcome": outcome, "detail": detail,
-               "dir": str(job_return.working_dir or "")}
-        if outcome == "ok" and isinstance(job_return._return_value, dict):
-            job["result"] = job_return._return_value
-        self.jobs.append(job)
+        _write_outcome(config, job_outcome(job_return.status, job_return._return_value))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self.jobs:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sorted((json.loads(path.read_text()) for path in _outcome_files(sweep_dir)), key=lambda j: j["job"])
+        if not jobs:
             return
-        failed = [j for j in self.jobs if j["outcome"] == "failed"]
-        skipped = [j for j in self.jobs if j["outcome"] == "skipped"]
-        ran = len(self.jobs) - len(skipped)
+        failed = [j for j in jobs if j["outcome"] == "failed"]
+        skipped = [j for j in jobs if j["outcome"] == "skipped"]
+        ran = len(jobs) - len(skipped)
         lines = ["", f"sweep summary: {ran - len(failed)} of {ran} jobs finished, {len(failed)} failed"
                  + (f"; {len(skipped)} incompatible pairs skipped" if skipped else "")]
-        lines += [f"  #{j['job']:<3} {j['outcome']:<6} {j['overrides']}  {j['detail']}" for j in self.jobs
+        lines += [f"  #{j['job']:<3} {j['outcome']:<6} {j['overrides']}  {j['detail']}" for j in jobs
                   if j["outcome"] != "skipped"]
-        lines += results_table([j["result"] for j in self.jobs if "result" in j])
+        lines += results_table([j["result"] for j in jobs if "result" in j])
         print("\n".join(lines), flush=True)
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / "summary.json").write_text(json.dumps(self.jobs, indent=2))
+        (sweep_dir / "summary.json").write_text(json.dumps(jobs, indent=2))
         if failed:
             sys.exit(1)
+
+
+OUTCOME_FILE = "job_outcome.json"  # in each job's folder: what the sweep summary reads back
+
+
+def job_outcome(status: JobStatus, value: Any) -> dict[str, Any]:
+    """``outcome`` (ok, failed, skipped), a one-line ``detail`` and, for a training job, its ``result`` row,
+    from what the job's function returned (or raised: ``status`` FAILED)."""
+    if status == JobStatus.FAILED:
+        outcome, detail = "failed", f"{type(value).__name__}: {value}"
+    elif isinstance(value, JobFailure):
+        outcome, detail = "failed", value.message
+    elif isinstance(value, JobSkipped):
+        outcome, detail = "skipped", value.message
+    elif isinstance(value, dict):
+        loss = value.get("val_loss")
+        outcome, detail = "ok", f"val/loss {loss:.4f}" if isinstance(loss, float) else ""
+    else:  # the command's objective: a loss, an accuracy or a reward
+        outcome, detail = "ok", f"result {value:.4f}" if isinstance(value, float) else ""
+    job = {"outcome": outcome, "detail": " ".join(detail.split())}  # one line per job in the table
+    if outcome == "ok" and isinstance(value, dict):
+        job["result"] = value
+    return job
+
+
+def _write_outcome(config: DictConfig, outcome: dict[str, Any]) -> None:
+    """Writes ``<job>/job_outcome.json`` (atomically; the first rank of a several-process job only) in a multirun."""
+    if config.hydra.mode != RunMode.MULTIRUN or not _first_rank():
+        return
+    import torch
+
+    job_dir = Path(config.hydra.runtime.output_dir)
+    job = {"job": config.hydra.job.num, "overrides": " ".join(config.hydra.overrides.task), **outcome,
+           "dir": str(job_dir), "threads": torch.get_num_threads()}
+    partial = job_dir / f".{OUTCOME_FILE}.partial"
+    partial.write_text(json.dumps(job, indent=2, default=str))
+    os.replace(partial, job_dir / OUTCOME_FILE)
+
+
+def _outcome_files(sweep_dir: Path) -> list[Path]:
+    return list(sweep_dir.rglob(OUTCOME_FILE)) if sweep_dir.is_dir() else []
+
+
+def _first_rank() -> bool:
+    """Whether this is rank 0 of a several-process job (and so also of a SLURM job's tasks, or of the processes
+    Lightning starts for its other ranks): every rank variable that is set says 0."""
+    return all(os.environ.get(variable, "0") == "0" for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
 def results_table(rows: list[dict[str, Any]]) -> list[str]:

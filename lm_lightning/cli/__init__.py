@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 import sys
 
@@ -33,6 +35,14 @@ def usage() -> str:
     )
 
 
+def _collect_once_at_exit() -> None:
+    """One last garbage collection (reference cycles are finalized as at any exit), then the heap frozen:
+    the interpreter's teardown would otherwise collect the whole heap of torch, Lightning and W&B objects
+    over and over while it clears modules, about a second of CPU at the end of every command."""
+    gc.collect()
+    gc.freeze()
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
         print(usage())
@@ -46,6 +56,10 @@ def main() -> None:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
+    # registered before the command's imports: exit handlers run last-in first-out, so this one runs after
+    # W&B's, Lightning's and the launchers', just before the interpreter's teardown
+    atexit.unregister(_collect_once_at_exit)
+    atexit.register(_collect_once_at_exit)
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"lm-lightning {command}", *sys.argv[2:]]
     # Lightning's DDP/FSDP launcher re-runs `python -m <__main__.__spec__.name> <sys.argv[1:]>` for

@@ -157,6 +157,9 @@ def check_blocks_for_sharding(model_cfg: Mapping) -> None:
                         "declares no blocks (block_lists): use strategy=ddp")
 
 
-#: family → the objectives it trains with, over the package's model configs
-VALID_OBJECTIVES: dict[str, tuple[str, ...]] = {
-    family: valid_objectives(traits) for family, (_, traits) in families().items()}
+def __getattr__(name: str) -> dict[str, tuple[str, ...]]:
+    """``VALID_OBJECTIVES``: family → the objectives it trains with, over the package's model configs.
+    Built on first use, not at import: reading every model config costs each command's start-up."""
+    if name == "VALID_OBJECTIVES":
+        return {family: valid_objectives(traits) for family, (_, traits) in families().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

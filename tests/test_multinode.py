@@ -93,3 +93,17 @@ def test_only_global_rank_zero_keeps_the_wandb_run_id(tmp_path, monkeypatch):
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     wandb_logger(mode="disabled", save_dir=str(tmp_path))
     assert (tmp_path / "wandb_run_id").read_text() == kept and len(kept) == 8
+
+
+def test_a_torchrun_rank_without_one_run_folder_is_refused_in_one_line(monkeypatch):
+    """Each rank torchrun starts would otherwise time-stamp its own run folder (and run record, and W&B run)."""
+    from lm_lightning.config.overrides import check_overrides
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    problem = check_overrides("train", ["experiment=tiny"])
+    assert problem is not None and problem.startswith("this process is one of the ranks torchrun started")
+    assert "hydra.run.dir=" in problem
+    assert check_overrides("train", ["experiment=tiny", "hydra.run.dir=/tmp/one_folder"]) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a one-process torchrun job has no other rank to disagree with
+    assert check_overrides("train", ["experiment=tiny"]) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def check_overrides(config_name: str, args: list[str]) -> str | None:
         if override.is_sweep_override():
             arg = f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
         overrides.append(arg)
-    if problem := _experiment_of_another_command(config_name, experiments):
+    if problem := _experiment_of_another_command(config_name, experiments) or _torchrun_without_run_dir(args):
         return problem
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -79,6 +80,17 @@ def _base_config(config_name: str) -> str:
         if isinstance(entry, str) and entry != "_self_" and (Path(CONF_DIR) / f"{entry}.yaml").is_file():
             return _base_config(entry)
     return config_name
+
+
+def _torchrun_without_run_dir(args: list[str]) -> str | None:
+    """torchrun starts every process of a job itself, each at its own moment: without one ``hydra.run.dir``
+    each would time-stamp a run folder of its own (and its own run record and tracker run)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    if any(arg.startswith("hydra.run.dir=") for arg in args):
+        return None
+    return ("this process is one of the ranks torchrun started: give every rank the same run folder with "
+            "hydra.run.dir=<a folder every node can reach>")
 
 
 REQUIRED = "${required:}"  # an experiment's required value: ``???`` in an overlay would keep the default

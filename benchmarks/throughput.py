@@ -4,6 +4,13 @@ optimizer, measured in one run (machines are shared and noisy: compare the ratio
     python benchmarks/throughput.py                       # both CPU shapes of issue 7, fp32, compile off
     python benchmarks/throughput.py --shapes gpt2 --precision bf16-mixed --compile --device cuda
 
+The Trainer path is the Trainer of ``lm-lightning train experiment=shakespeare_char`` (reshaped): the Job's
+loggers (conf/logger: W&B, offline unless logged in, and CSV) and every callback of conf/callbacks (checkpoints,
+non-finite guard, lr monitor, throughput monitor, progress bar), the task's metrics and logging, the optimizer and
+schedule of conf/ (warm-up shortened to a tenth of ``--steps``); only validation is off. The plain loop has the
+same model, optimizer (conf/, e.g. foreach AdamW), schedule and batches.
+Each path runs ``--runs`` times, in turn; the ratio quoted is the median over runs.
+
 Shapes: ``nanogpt`` = BASELINES.md's CPU nanoGPT run (4 layers, 4 heads, 128 wide, context 64, batch 12,
 65 characters); ``small`` = 6 layers, 6 heads, 384 wide, context 256, batch 4; ``gpt2`` = GPT-2 124M
 (12 × 768, context 1024, vocabulary 50304, batch 16). Both paths train ``--steps`` steps; the median
@@ -15,17 +22,28 @@ BASELINES.md; 989 TFLOP/s for bf16 on an H100).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import io
 import statistics
+import tempfile
 import time
-from functools import partial
+from pathlib import Path
 
+import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
+import wandb
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
+from lm_lightning.config.app import CONF_DIR, instantiate_group, plain
 from lm_lightning.models.gpt import GPT, GPTConfig
 from lm_lightning.tasks.language_model import LanguageModelTask, weight_decay_groups
+from lm_lightning.training.job import Job
 
 SHAPES = {
     "nanogpt": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, batch=12),
@@ -33,6 +51,7 @@ SHAPES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, batch=16),
 }
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+PRECISION_GROUPS = {"32-true": "fp32", "bf16-mixed": "bf16_mixed", "16-mixed": "fp16_mixed", "bf16-true": "bf16_true"}
 
 
 def model_config(shape: dict) -> dict:
@@ -51,7 +70,10 @@ def plain_loop(shape: dict, data: list[torch.Tensor], device: str, precision: st
     model = GPT(GPTConfig(**model_config(shape))).to(device)
     if compile:
         model.compile()
-    optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.99))
+    with tempfile.TemporaryDirectory(prefix="throughput_") as run_dir:  # the Trainer path's optimizer and schedule
+        cfg = train_config(shape, len(data), device, precision, Path(run_dir))
+    optimizer = hydra.utils.instantiate(cfg.optimizer)(params=weight_decay_groups(model, cfg.optimizer.weight_decay))
+    scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer=optimizer)
     ends = [time.perf_counter()]
     for xy in data:
         xy = xy.to(device, non_blocking=True)
@@ -61,6 +83,7 @@ def plain_loop(shape: dict, data: list[torch.Tensor], device: str, precision: st
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # the loop synchronises once a step, as Lightning's loss logging does
         ends.append(time.perf_counter())
@@ -78,22 +101,53 @@ class StepEnds(L.Callback):
         self.ends.append(time.perf_counter())
 
 
+def train_config(shape: dict, steps: int, device: str, precision: str, run_dir: Path) -> DictConfig:
+    """``lm-lightning train experiment=shakespeare_char`` with the shape's model and batch: the trainer,
+    callbacks and loggers of conf/ as a real run has them (W&B offline unless logged in, CSV)."""
+    model = model_config(shape)
+    overrides = [
+        "experiment=shakespeare_char", "model.position=learned", f"data.batch_size={shape['batch']}",
+        *(f"model.{k}={v}" for k, v in model.items() if k != "vocab_size"),
+        f"trainer.max_steps={steps}", f"scheduler.warmup_steps={steps // 10}", f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+        f"precision={PRECISION_GROUPS[precision]}", f"paths.log_dir={run_dir}",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    job_cfg = copy.deepcopy(cfg)
+    with open_dict(job_cfg):
+        del job_cfg["hydra"]
+    return job_cfg
+
+
 def trainer_path(shape: dict, data: list[torch.Tensor], device: str, precision: str, compile: bool) -> list[float]:
-    torch.manual_seed(0)
-    task = LanguageModelTask(
-        model={"_target_": "lm_lightning.models.gpt.build_gpt", **model_config(shape)},
-        objective={"_target_": "lm_lightning.objectives.causal_lm.CausalLM"},
-        optimizer=partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
-        compile=compile,
-    )
-    timer = StepEnds()
-    trainer = L.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision, max_steps=len(data),
-        gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0,
-    )
-    loader = DataLoader(data, batch_size=None, shuffle=False, pin_memory=device == "cuda")
-    trainer.fit(task, train_dataloaders=loader)
+    """The Trainer as ``lm-lightning train`` builds it (Job: conf/trainer, conf/logger, conf/callbacks), fed the
+    same batches; only validation is off (this measures training steps)."""
+    with tempfile.TemporaryDirectory(prefix="throughput_") as run_dir:
+        cfg = train_config(shape, len(data), device, precision, Path(run_dir))
+        torch.manual_seed(0)
+        task = LanguageModelTask(
+            model={**plain(cfg.model), "vocab_size": shape["vocab_size"]},
+            objective=plain(cfg.objective),
+            optimizer=hydra.utils.instantiate(cfg.optimizer),
+            scheduler=hydra.utils.instantiate(cfg.scheduler),
+            bytes_per_token={"train": 1.0, "val": 1.0},  # characters: one byte per token
+            tokens_per_step=shape["batch"] * shape["block_size"],
+            compile=compile,
+        )
+        timer = StepEnds()
+        with Job(cfg) as job:
+            trainer = job.build_trainer(callbacks=[*instantiate_group(cfg.callbacks), timer], limit_val_batches=0,
+                                        num_sanity_val_steps=0)
+            loader = DataLoader(data, batch_size=None, shuffle=False, pin_memory=device == "cuda")
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # the progress bar
+                trainer.fit(task, train_dataloaders=loader)
+            for logger in job.loggers:
+                logger.finalize("success")
+            if wandb.run is not None:
+                wandb.run.finish()
     return [b - a for a, b in zip(timer.ends, timer.ends[1:])]
 
 
@@ -102,6 +156,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["nanogpt", "small"], choices=sorted(SHAPES))
     parser.add_argument("--steps", type=int, default=30, help="steps per path (median over those after warm-up)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3, help="runs of each path, alternating; the ratio is the median over runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed", "bf16-true"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both paths")
@@ -118,17 +173,21 @@ def main() -> None:
         data = batches(shape, args.steps)
         flops_per_token = GPT(GPTConfig(**model_config(shape))).flops_per_token()
         tokens = shape["batch"] * shape["block_size"]
-        results = {}
-        for path, fn in (("plain PyTorch", plain_loop), ("Trainer", trainer_path)):
-            results[path] = statistics.median(fn(shape, data, args.device, args.precision, args.compile)[args.warmup:])
+        medians: dict[str, list[float]] = {"plain PyTorch": [], "Trainer": []}
+        for _ in range(args.runs):  # in turn, so a busy spell of a shared machine hits both paths
+            for path, fn in (("plain PyTorch", plain_loop), ("Trainer", trainer_path)):
+                medians[path].append(statistics.median(fn(shape, data, args.device, args.precision, args.compile)[args.warmup:]))
+        results = {path: statistics.median(values) for path, values in medians.items()}
         print(f"\n{name}: {shape['n_layer']} layers x {shape['n_embd']} wide, context {shape['block_size']}, "
               f"batch {shape['batch']} ({tokens} tokens/step), {flops_per_token:.4g} FLOPs/token")
         for path, median in results.items():
             rate = tokens / median
             print(f"  {path:<14} median step {median * 1000:8.2f} ms  {rate:10,.0f} tokens/s  "
                   f"MFU {rate * flops_per_token / peak:6.2%}")
-        ratio = results["plain PyTorch"] / results["Trainer"]
-        print(f"  Trainer / plain tokens/s = {ratio:.3f} ({(ratio - 1) * 100:+.1f}%)")
+        ratios = [plain / trainer for plain, trainer in zip(medians["plain PyTorch"], medians["Trainer"])]
+        ratio = statistics.median(ratios)
+        print(f"  Trainer / plain tokens/s = {ratio:.3f} ({(ratio - 1) * 100:+.1f}%), median of {args.runs} runs "
+              f"({', '.join(f'{r:.3f}' for r in ratios)}); target >= 0.98")
 
 
 if __name__ == "__main__":

@@ -262,3 +262,43 @@ def test_resumed_loader_yields_the_remaining_batches():
 def test_unknown_sampling_mode_is_a_user_error():
     with pytest.raises(UserError, match="data.sampling"):
         WindowSampler(N_TOKENS, BLOCK, "strided", seed=0)
+
+
+# --- validation batches during fit and after it -------------------------------------------------
+
+
+def test_evaluations_during_fit_read_limit_val_batches_and_the_final_validation_the_whole_split(tmp_path):
+    from functools import partial
+
+    import lightning as L
+
+    from lm_lightning.tasks.language_model import LanguageModelTask
+    from lm_lightning.tracking.callbacks import FinalValidationBatches
+
+    class CountBatches(L.Callback):
+        def __init__(self) -> None:
+            self.counts: list[int] = []
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            self.counts.append(0)
+
+        def on_validation_batch_end(self, *args, **kwargs) -> None:
+            self.counts[-1] += 1
+
+    torch.manual_seed(0)
+    task = LanguageModelTask(model={"_target_": "lm_lightning.models.gpt.build_gpt", "vocab_size": 50, "block_size": 16,
+                                    "n_layer": 1, "n_head": 2, "n_embd": 16},
+                             objective={"_target_": "lm_lightning.objectives.causal_lm.CausalLM"},
+                             optimizer=partial(torch.optim.AdamW, lr=1e-3))
+    windows = [torch.randint(50, (2, 17)) for _ in range(5)]
+    counter = CountBatches()
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, val_check_interval=2, limit_val_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[FinalValidationBatches(1.0), counter],
+                        default_root_dir=tmp_path)
+    trainer.fit(task, train_dataloaders=DataLoader(windows, batch_size=None),
+                val_dataloaders=DataLoader(windows, batch_size=None))
+    assert counter.counts == [2, 2]
+    assert task.last_val_step is None  # the 2-batch estimate at step 4 is not the final figure
+    trainer.validate(task, dataloaders=DataLoader(windows, batch_size=None), verbose=False)
+    assert counter.counts == [2, 2, 5]

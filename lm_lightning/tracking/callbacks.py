@@ -133,3 +133,21 @@ def _clock(trainer: L.Trainer) -> float:
     if trainer.strategy.root_device.type == "cuda":
         torch.cuda.synchronize()  # the GPU's queued work belongs to the time measured
     return time.perf_counter()
+
+
+class FinalValidationBatches(Callback):
+    """Validation batches after fit: ``trainer.limit_val_batches`` sets how many each evaluation during fit reads
+    (e.g. nanoGPT's 20-batch estimate), this how many the final validation reads (1.0: the whole split).
+
+    When the two differ the last evaluation during fit does not stand for the final figure, so the task's
+    ``last_val_step`` is cleared and the final validation runs.
+    """
+
+    def __init__(self, limit_val_batches: int | float = 1.0) -> None:
+        self.limit_val_batches = limit_val_batches
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.limit_val_batches != self.limit_val_batches:
+            trainer.limit_val_batches = self.limit_val_batches
+            if hasattr(pl_module, "last_val_step"):
+                pl_module.last_val_step = None

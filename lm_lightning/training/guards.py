@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lm_lightning.errors import UserError
+from lm_lightning.tracking.callbacks import reaches_loggers
 
 log = logging.getLogger("lm_lightning")
 MODES = ("skip", "stop")
@@ -34,8 +35,12 @@ class NonFiniteGuard(Callback):
         self.skipped = 0
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
+        # the optimizer's own list: walking the module tree for its parameters costs more than the check
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # a NaN/Inf anywhere makes the total norm non-finite: foreach kernels over all tensors (a per-tensor
+        # isfinite().all() cost 1-10 ms a step on a busy 2-core CPU, against nanoGPT's 35 ms step); a norm
+        # that overflows (entries beyond ~1e19 in float32) counts too, as gradient clipping would make it NaN
+        if not grads or torch.nn.utils.get_total_norm(grads).isfinite():
             return
         step = trainer.global_step
         if self.mode == "stop":
@@ -55,7 +60,8 @@ class NonFiniteGuard(Callback):
                                  f"callbacks.nonfinite.max_skips={self.max_skips}: lower the learning rate or check the data")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        pl_module.log("train/skipped_steps", float(self.skipped))
+        if reaches_loggers(trainer, trainer.global_step):  # only then: each self.log costs ~0.7 ms on CPU
+            pl_module.log("train/skipped_steps", float(self.skipped))
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped": self.skipped}

@@ -48,7 +48,12 @@ class SweepSummary(Callback):
 
     The job hooks run where the job runs (the parent under the basic launcher, a worker process under joblib, a
     SLURM or local submitit job), so they leave files; ``on_multirun_end`` runs in the parent under every launcher.
+    Jobs that ran in the parent are also kept in memory: a job's folder may lie outside the parent's sweep folder
+    (an ``experiment=a,b`` sweep puts each experiment's jobs under its own name).
     """
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, dict[str, Any]] = {}  # job number -> outcome, for the jobs run in this process
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _first_rank():
@@ -57,11 +62,14 @@ class SweepSummary(Callback):
             stale.unlink()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        _write_outcome(config, job_outcome(job_return.status, job_return._return_value))
+        job = _write_outcome(config, job_outcome(job_return.status, job_return._return_value))
+        if job is not None:
+            self.jobs[job["job"]] = job
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = sorted((json.loads(path.read_text()) for path in _outcome_files(sweep_dir)), key=lambda j: j["job"])
+        written = {job["job"]: job for job in (json.loads(path.read_text()) for path in _outcome_files(sweep_dir))}
+        jobs = sorted({**written, **self.jobs}.values(), key=lambda j: j["job"])
         if not jobs:
             return
         failed = [j for j in jobs if j["outcome"] == "failed"]
@@ -101,10 +109,11 @@ def job_outcome(status: JobStatus, value: Any) -> dict[str, Any]:
     return job
 
 
-def _write_outcome(config: DictConfig, outcome: dict[str, Any]) -> None:
-    """Writes ``<job>/job_outcome.json`` (atomically; the first rank of a several-process job only) in a multirun."""
+def _write_outcome(config: DictConfig, outcome: dict[str, Any]) -> dict[str, Any] | None:
+    """Writes ``<job>/job_outcome.json`` (atomically; the first rank of a several-process job only) in a multirun;
+    returns what it wrote."""
     if config.hydra.mode != RunMode.MULTIRUN or not _first_rank():
-        return
+        return None
     import torch
 
     job_dir = Path(config.hydra.runtime.output_dir)
@@ -113,6 +122,7 @@ def _write_outcome(config: DictConfig, outcome: dict[str, Any]) -> None:
     partial = job_dir / f".{OUTCOME_FILE}.partial"
     partial.write_text(json.dumps(job, indent=2, default=str))
     os.replace(partial, job_dir / OUTCOME_FILE)
+    return job
 
 
 def _outcome_files(sweep_dir: Path) -> list[Path]:

@@ -223,7 +223,9 @@ def test_a_damaged_token_file_is_refused_naming_the_file(tmp_path, corpus_cache,
     cache, run = tmp_path / "cache", tmp_path / "run"
     shutil.copytree(corpus_cache, cache)  # damaged below: a copy of the session's prepared corpus
     run_in_process("train", *TINY, "trainer.max_steps=10", f"hydra.run.dir={run}", cwd=tmp_path, cache=cache)
-    train_bin = next(cache.glob("*/train.bin"))
+    # the corpus this run read (the session cache may hold several corpora, in no fixed order)
+    train_bin = Path(json.loads((run / "run.json").read_text())["corpus_dir"]) / "train.bin"
+    assert train_bin.is_relative_to(cache) and train_bin.is_file()
     data = bytearray(train_bin.read_bytes())
     if damage == "truncate":
         data = data[: len(data) // 2]

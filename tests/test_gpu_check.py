@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_bad_arguments_stop_before_composing(argv, message, capsys):
 def test_the_shell_script_runs_its_cpu_path(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--out", str(tmp_path / "out"),
                            "--only", "resume"], capture_output=True, text=True, timeout=120, check=False,
-                          env={"PATH": str(REPO / ".venv" / "bin") + ":/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""})
+                          env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "no GPU: CUDA is not available here; composed 1 configs, trained nothing"
 

@@ -1,5 +1,6 @@
-"""Where documents come from: local text, JSONL, Parquet, Hugging Face datasets, or the
-Python standard library (the offline default corpus, present wherever Python is).
+"""Where documents come from: local text, JSONL, Parquet, Hugging Face ``datasets`` (local
+data files or a ``save_to_disk`` folder, read offline), or the Python standard library (the
+offline default corpus, present wherever Python is).
 
 Every source streams: documents are yielded one at a time in a fixed order, so the same
 config always gives the same documents and a large corpus never sits in memory whole.
@@ -7,6 +8,7 @@ config always gives the same documents and a large corpus never sits in memory w
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -56,18 +58,19 @@ def iter_documents(source: Mapping) -> Iterator[str]:
 
 def describe_source(source: Mapping) -> dict:
     """A JSON-able fingerprint of ``source`` for cache keys: the config plus, for local
-    files, each file's path, size (bytes) and mtime_ns, so an edited file changes the key."""
+    files, each file's path, size (bytes) and mtime_ns, so an edited file changes the key.
+    An ``hf`` folder counts every file in it (a dataset card can change its splits) and adds
+    the ``_fingerprint`` that ``save_to_disk`` stored for each saved dataset."""
     kind = _kind(source)
     description: dict[str, Any] = {"config": plain_config(source)}
     if kind == "stdlib":
         description.update(python=platform.python_version(), stdlib=str(_stdlib_root()))
-    elif kind == "hf":
-        description.update(note="remote dataset: identified by name/config/split only")
-    else:
-        description["files"] = [
-            {"path": str(f), "size": (st := f.stat()).st_size, "mtime_ns": st.st_mtime_ns}
-            for f in _files(source, _SUFFIXES[kind])
-        ]
+        return description
+    files = _files(source, _SUFFIXES.get(kind))
+    description["files"] = [{"path": str(f), "size": (st := f.stat()).st_size, "mtime_ns": st.st_mtime_ns} for f in files]
+    if kind == "hf":
+        description["dataset_fingerprints"] = [json.loads(f.read_text()).get("_fingerprint") for f in files
+                                                if f.name == "state.json"]
     return description
 
 
@@ -83,20 +86,29 @@ def _kind(source: Mapping) -> str:
     return kind
 
 
-def _files(source: Mapping, suffixes: tuple[str, ...]) -> list[Path]:
-    """The file itself, or a folder's matching files in sorted relative-path order."""
+def _local_path(source: Mapping) -> Path:
     raw = source.get("path")
     if not raw:
-        raise UserError(f"data.corpus.source.path is not set (kind={source.get('kind')}): point it at a file or folder")
+        hint = ("; Hub datasets are not downloaded here: save one with datasets.load_dataset(...).save_to_disk(DIR) "
+                "and set data.corpus.source.path=DIR") if source.get("kind") == "hf" else ""
+        raise UserError(f"data.corpus.source.path is not set (kind={source.get('kind')}): point it at a file or folder{hint}")
     path = Path(os.path.expanduser(str(raw)))
+    if not path.exists():
+        raise UserError(f"data file not found: {path} (set data.corpus.source.path to an existing file or folder)")
+    return path
+
+
+def _files(source: Mapping, suffixes: tuple[str, ...] | None) -> list[Path]:
+    """The file itself, or a folder's files ending in ``suffixes`` (None: all) in sorted
+    relative-path order; hidden files and folders are left out."""
+    path = _local_path(source)
     if path.is_file():
         return [path]
-    if not path.is_dir():
-        raise UserError(f"data file not found: {path} (set data.corpus.source.path to an existing file or folder)")
-    files = [p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes)
+    files = [p for p in path.rglob("*") if p.is_file() and (suffixes is None or p.name.endswith(suffixes))
              and not any(part.startswith(".") for part in p.relative_to(path).parts)]
     if not files:
-        raise UserError(f"no {'/'.join(suffixes)} files in folder {path} (check data.corpus.source.path and data.corpus.source.kind)")
+        what = "/".join(suffixes) if suffixes else "data"
+        raise UserError(f"no {what} files in folder {path} (check data.corpus.source.path and data.corpus.source.kind)")
     return sorted(files, key=lambda p: p.relative_to(path).as_posix())
 
 
@@ -159,16 +171,71 @@ def _parquet_records(source: Mapping) -> Iterator[str]:
 
 
 def _hf_records(source: Mapping) -> Iterator[str]:
+    """Records' ``text_field`` from a local dataset through ``datasets``: a ``save_to_disk``
+    folder (``split`` picks from a saved DatasetDict), or data files (one file, or a folder
+    that ``load_dataset`` reads, its splits named by file names or a dataset card). As in a
+    Parquet column, a null (or missing) value is no document; a value that is not text is an error."""
     try:
         import datasets
     except ImportError:
         raise UserError('data.corpus.source.kind=hf needs the datasets package: pip install "lm-lightning[hf]"') from None
-    name, field = source.get("name"), source.get("text_field") or "text"
-    if not name:
-        raise UserError("data.corpus.source.name is not set: give a Hugging Face dataset name, e.g. wikitext")
-    dataset = datasets.load_dataset(name, source.get("config"), split=source.get("split") or "train", streaming=True)
-    for index, record in enumerate(dataset):
-        yield _field(record, field, f"{name} record {index}")
+    path, field, split = _local_path(source), source.get("text_field") or "text", source.get("split") or "train"
+    where = f"hf dataset {path} (split {split})"
+    with _hf_offline(datasets):
+        try:
+            dataset = _hf_dataset(datasets, path, split)
+            if dataset.column_names is not None and field not in dataset.column_names:
+                raise UserError(f"{where} has no column {field!r} (columns: {dataset.column_names}); set data.corpus.source.text_field")
+            for start, batch in enumerate(dataset.select_columns([field]).iter(batch_size=1024)):
+                for index, text in enumerate(batch[field], start=start * 1024):
+                    if text is not None and not isinstance(text, str):
+                        raise UserError(f"{where} record {index}: {field!r} holds {type(text).__name__}, not text "
+                                        "(set data.corpus.source.text_field to a text column)")
+                    if text:
+                        yield text
+        except UserError:
+            raise
+        except (OSError, ValueError, KeyError) as e:  # what datasets and pyarrow raise on unreadable input
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{where} could not be read by datasets: {first_line} "
+                            "(check data.corpus.source.path and data.corpus.source.split)") from None
+
+
+def _hf_dataset(datasets: Any, path: Path, split: str) -> Any:
+    if (path / "dataset_dict.json").is_file():  # a saved DatasetDict: one saved Dataset folder per split
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        if split not in splits:
+            raise UserError(f"hf dataset {path} has no split {split!r} (splits: {splits}); set data.corpus.source.split")
+        path = path / split
+    if (path / "state.json").is_file():
+        if not json.loads((path / "state.json").read_text())["_data_files"]:  # datasets fails on these with an IndexError
+            raise UserError(f"hf dataset {path} has no records: check data.corpus.source.path and data.corpus.source.split")
+        return datasets.load_from_disk(str(path))
+    if path.is_dir():
+        return datasets.load_dataset(str(path), split=split, streaming=True)
+    builder = next((b for suffixes, b in _HF_BUILDERS.items() if path.name.endswith(suffixes)), None)
+    if builder is None:
+        raise UserError(f"{path}: datasets reads {', '.join(s for x in _HF_BUILDERS for s in x)} files; "
+                        "point data.corpus.source.path at one, at a folder of them, or at a save_to_disk folder")
+    return datasets.load_dataset(builder, data_files=str(path), split=split, streaming=True)
+
+
+_HF_BUILDERS = {(".parquet",): "parquet", (".jsonl", ".json", ".jsonl.gz", ".json.gz"): "json", (".csv",): "csv",
+                (".txt",): "text", (".arrow",): "arrow"}
+
+
+@contextlib.contextmanager
+def _hf_offline(datasets: Any) -> Iterator[None]:
+    """Local data only, so never wait on the network: ``datasets`` and ``huggingface_hub`` read their
+    offline switches (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE) once at import, so set the module values."""
+    import huggingface_hub.constants as hub
+
+    before = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = before
 
 
 def _field(record: Any, field: str, where: str) -> str:

@@ -3,7 +3,6 @@ preference pairs with the Bradley–Terry loss; and the loader the RL methods sc
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -73,13 +72,10 @@ class RewardModelTask(AlignmentTask):
 
 
 def tokenizer_from_bytes(data: bytes):
-    """A Tokenizer from sentencepiece model bytes (as checkpoints carry them)."""
-    from lm_lightning.data.tokenizer import Tokenizer
+    """The tokenizer of the bytes a checkpoint carries (a sentencepiece model or a tokenizer.json)."""
+    from lm_lightning.data.tokenizer import load_tokenizer
 
-    with tempfile.NamedTemporaryFile(suffix=".model") as f:
-        f.write(data)
-        f.flush()
-        return Tokenizer.load(f.name)  # read into memory; the file can go
+    return load_tokenizer(data)
 
 
 def require_same_tokenizer(reward_tokenizer, policy_tokenizer, reward_path: str | Path, policy_path: str | Path) -> None:

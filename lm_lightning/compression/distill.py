@@ -10,7 +10,6 @@ The T² keeps the soft term's gradients the same size whatever the temperature (
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lm_lightning.data.tokenizer import Tokenizer
+from lm_lightning.data.tokenizer import Tokenizer, load_tokenizer
 from lm_lightning.errors import UserError
 from lm_lightning.objectives.base import token_nll
 from lm_lightning.tasks.language_model import LanguageModelTask, weight_decay_groups
@@ -82,10 +81,7 @@ class HiddenStateMatch(nn.Module):
 def check_same_tokenizer(teacher: Tokenizer, data_tokenizer_model: bytes, teacher_ckpt: str) -> None:
     """Raises a UserError unless the data's tokenizer has the teacher's vocabulary, piece for piece:
     the student reads the same token ids and predicts over the same vocabulary as the teacher."""
-    with tempfile.NamedTemporaryFile(suffix=".model") as f:
-        f.write(data_tokenizer_model)
-        f.flush()
-        data = Tokenizer.load(f.name)
+    data = load_tokenizer(data_tokenizer_model)
     if data.vocab_size != teacher.vocab_size:
         differ = f"{teacher.vocab_size} pieces, the data's {data.vocab_size}"
     else:

@@ -24,7 +24,6 @@ to imitate to make QAT's converted model compute what it trained.
 from __future__ import annotations
 
 import re
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -306,7 +305,7 @@ def load_int8(path: str | Path):
     """An int8 model written by :func:`save_int8`, as ``runtime.load_trained`` gives a checkpoint: a
     LanguageModelTask in eval mode (``task.model`` holds the int8 layers, ``task.objective`` scores it)
     and the tokenizer."""
-    from lm_lightning.data.tokenizer import Tokenizer
+    from lm_lightning.data.tokenizer import load_tokenizer
     from lm_lightning.tasks.language_model import LanguageModelTask
 
     try:
@@ -319,11 +318,7 @@ def load_int8(path: str | Path):
     for name, scheme in saved["int8_layers"].items():
         _replace(task.model, name, Int8Linear(*_shape(task.model.get_submodule(name)), activations=scheme == "dynamic"))
     task.model.load_state_dict(saved["state_dict"])
-    with tempfile.NamedTemporaryFile(suffix=".model") as f:
-        f.write(saved["tokenizer_model"])
-        f.flush()
-        tokenizer = Tokenizer.load(f.name)
-    return task.eval(), tokenizer
+    return task.eval(), load_tokenizer(saved["tokenizer_model"])
 
 
 def _shape(linear: nn.Linear) -> tuple[int, int, bool]:

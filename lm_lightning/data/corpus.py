@@ -10,6 +10,7 @@ staging file on disk, so memory holds only a few batches, the dedup signatures
 A cache entry ``<cache_dir>/<name>-<key[:12]>/`` holds::
 
     tokenizer.model, tokenizer.vocab   the sentencepiece model trained on the train split
+                                       (tokenizer.json instead for byte_bpe, words and hf)
     <split>.bin                        token ids, 1-D, uint16 (vocab <= 65535) else uint32;
                                        each document is followed by one EOS id
     <split>.idx.npy                    int64 token offset where each document starts
@@ -32,6 +33,7 @@ import hashlib
 import itertools
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import time
@@ -50,8 +52,7 @@ from lm_lightning.data.parallel import batched, ordered_map
 from lm_lightning.data.prepared_corpus import PreparedCorpus
 from lm_lightning.data.report import REPORT_FILE, build_report
 from lm_lightning.data.sources import describe_source, iter_documents, plain_config
-from lm_lightning.data.tokenizer import Tokenizer, train_tokenizer
-from lm_lightning.data.hashing import file_sha256
+from lm_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from lm_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -73,13 +74,7 @@ def prepare_corpus(data_cfg: Mapping, tokenizer_cfg: Mapping, cache_dir: str | P
     num_proc = int(num_proc or data_cfg.get("num_proc") or 1)
     split_cfg = data_cfg.get("split") or {}
     check_split_cfg(split_cfg)
-    # Log verbosity is the one tokenizer option that cannot change the result.
-    tokenizer_key = {k: v for k, v in plain_config(tokenizer_cfg).items() if k != "verbose"}
-    if tokenizer_key.get("model_file"):  # a re-used tokenizer is known by its content, not its path
-        model_file = Path(tokenizer_key["model_file"])
-        if not model_file.is_file():
-            raise UserError(f"tokenizer.model_file={model_file} does not exist: pass a sentencepiece .model file")
-        tokenizer_key = {"model_sha256": file_sha256(model_file)}
+    tokenizer_key = tokenizer_fingerprint(plain_config(tokenizer_cfg))  # a re-used tokenizer by its content
     fingerprint = {"format_version": FORMAT_VERSION, "source": describe_source(source), "cleaning": plain_config(cleaning),
                    "dedup": dedup, "split": plain_config(split_cfg), "tokenizer": tokenizer_key}
     token_dtype = data_cfg.get("token_dtype") or "auto"
@@ -128,7 +123,9 @@ def _clean_batch(texts: list[str]) -> tuple[list[str], dict, np.ndarray, np.ndar
 
 
 def _init_tokenize_worker(model: Path) -> None:
-    _worker["tokenizer"] = tokenizer = Tokenizer.load(model, num_threads=1)
+    if mp.parent_process() is not None:  # one worker per core already; and no fork-after-threads warning
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker["tokenizer"] = tokenizer = load_tokenizer(model, num_threads=1)
     _worker["fallback"] = np.asarray(tokenizer.fallback_ids(), dtype=np.uint32)
 
 
@@ -183,7 +180,7 @@ def _build(folder: Path, source: Mapping, cleaning: Mapping, dedup_cfg: Mapping,
     splits = [s for s in SPLITS if s == "train" or float(split_cfg.get(f"{s}_fraction") or 0) > 0]
     clock = time.perf_counter()
     model = train_tokenizer((text for split, text in assign() if split == "train"), tokenizer_cfg, folder / "tokenizer")
-    tokenizer = Tokenizer.load(model)
+    tokenizer = load_tokenizer(model)
     seconds["tokenizer_training"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lm_lightning.data.hashing import file_sha256
 from lm_lightning.data.report import REPORT_FILE
-from lm_lightning.data.tokenizer import Tokenizer
+from lm_lightning.data.tokenizer import Tokenizer, load_tokenizer
 from lm_lightning.errors import UserError
+
+if TYPE_CHECKING:
+    from lm_lightning.data.hf_tokenizer import HFTokenizer
 
 
 @dataclass
@@ -57,8 +61,8 @@ class PreparedCorpus:
         """UTF-8 bytes of the split's cleaned text (EOS separators count 0 bytes)."""
         return self._split(split)["bytes"]
 
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer.load(self.tokenizer_path)
+    def tokenizer(self) -> Tokenizer | HFTokenizer:
+        return load_tokenizer(self.tokenizer_path)
 
     def report(self) -> dict:
         """What the build did (``report.json``): documents and bytes in, removals per filter

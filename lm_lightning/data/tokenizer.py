@@ -7,46 +7,62 @@ works on one "sentence" at a time: the tokenizer is trained on lines, ``"\\n"`` 
 user-defined symbol (one id of its own), and ``encode`` encodes each line and puts the
 newline id between them. For BPE this gives exactly the ids sentencepiece itself gives for
 the whole text; it also works for the word model, which ignores user-defined symbols.
+
+The types of Hugging Face ``tokenizers`` (``byte_bpe``, ``words``, ``hf``) live in
+``hf_tokenizer.py`` and ``hf_tokenizer_training.py``; ``train_tokenizer`` trains either kind and
+``load_tokenizer`` is the one place that tells a sentencepiece model from a ``tokenizer.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 from tqdm import tqdm
 
+from lm_lightning.data.hashing import file_sha256
 from lm_lightning.errors import UserError
 
-TYPES = ("bpe", "unigram", "char", "word")
+if TYPE_CHECKING:
+    from lm_lightning.data.hf_tokenizer import HFTokenizer
+
+TYPES = ("bpe", "unigram", "char", "word")  # sentencepiece model types
+HF_TYPES = ("byte_bpe", "words", "hf")  # Hugging Face tokenizers: byte-level BPE, word vocabulary, a tokenizer.json
 NEWLINE = "\n"
 _META_PIECES = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
 
 
 def train_tokenizer(docs: Iterable[str], cfg: Mapping, model_prefix: Path) -> Path:
-    """Train a sentencepiece model on ``docs``; write ``<model_prefix>.model`` and ``.vocab``.
+    """Train a tokenizer on ``docs``: a sentencepiece model (``<model_prefix>.model`` and ``.vocab``)
+    or, for ``HF_TYPES``, a ``<model_prefix>.json`` (see ``train_hf_tokenizer``). Returns its path.
 
-    ``cfg``: ``type`` (bpe|unigram|char|word), ``vocab_size`` (pieces, including the specials
+    Sentencepiece ``cfg``: ``type`` (bpe|unigram|char|word), ``vocab_size`` (pieces, including the specials
     ``<pad>`` ``<unk>`` ``<s>`` ``</s>``, ``"\\n"`` and ``special_tokens``; ignored for char,
     whose vocabulary is every character seen), ``byte_fallback``, ``character_coverage``,
     ``special_tokens``, ``max_sentence_length`` (bytes per line; longer lines are skipped in
     training), ``input_sentence_size`` (lines sampled for training; 0 = all), ``seed``,
-    ``num_threads``, ``verbose`` (sentencepiece's own log); or ``model_file``, an existing
-    ``.model`` copied instead of training one. Returns the ``.model`` path.
+    ``num_threads``, ``verbose`` (sentencepiece's own log). Any type: ``model_file``, an existing
+    tokenizer (a ``.model`` or a ``tokenizer.json``) copied instead of training one.
     """
     model_prefix = Path(model_prefix)
     if cfg.get("model_file"):  # re-use a trained model (continued pretraining on a new corpus): no training
         model_prefix.parent.mkdir(parents=True, exist_ok=True)
-        target = model_prefix.with_suffix(".model")
-        shutil.copyfile(cfg["model_file"], target)
+        data = Path(cfg["model_file"]).read_bytes()
+        target = model_prefix.with_name(model_prefix.name + (".json" if is_tokenizer_json(data) else ".model"))
+        target.write_bytes(data)
         return target
     kind = cfg.get("type", "bpe")
+    if kind in HF_TYPES:
+        training = _hf_module("hf_tokenizer_training")
+        return training.train_hf_tokenizer(docs, cfg, model_prefix.with_name(model_prefix.name + ".json"))
     if kind not in TYPES:
-        raise UserError(f"tokenizer.type={kind!r} is not valid: choose one of {', '.join(TYPES)}")
+        raise UserError(f"tokenizer.type={kind!r} is not valid: choose one of {', '.join(TYPES + HF_TYPES)}")
     specials = [NEWLINE] + [t for t in cfg.get("special_tokens") or [] if t not in _META_PIECES and t != NEWLINE]
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +101,50 @@ def train_tokenizer(docs: Iterable[str], cfg: Mapping, model_prefix: Path) -> Pa
     return model_prefix.with_name(model_prefix.name + ".model")
 
 
+def tokenizer_fingerprint(cfg: Mapping) -> dict:
+    """What identifies the tokenizer ``cfg`` makes, for a corpus cache key: its options less log
+    verbosity; a re-used tokenizer (``model_file``, or ``file`` for ``hf``) by its content, not its path."""
+    key = {k: v for k, v in cfg.items() if k != "verbose"}
+    for option, kind in (("model_file", "a sentencepiece .model or a tokenizer.json"), ("file", "a tokenizer.json")):
+        if key.get(option) and not Path(key[option]).is_file():
+            raise UserError(f"tokenizer.{option}={key[option]} does not exist: pass {kind} file")
+    if key.get("model_file"):
+        return {"model_sha256": file_sha256(Path(key["model_file"]))}
+    if key.get("file"):
+        key["file"] = file_sha256(Path(key["file"]))
+    return key
+
+
+def load_tokenizer(source: bytes | str | Path, num_threads: int | None = None) -> Tokenizer | HFTokenizer:
+    """The tokenizer in ``source``: a file, or the bytes a checkpoint stores (``tokenizer_model``).
+    A ``tokenizer.json`` gives an ``HFTokenizer``, anything else a sentencepiece ``Tokenizer``."""
+    path = None
+    if not isinstance(source, (bytes, bytearray)):
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"tokenizer model not found: {path} (train one or fix the tokenizer path)")
+        source = path.read_bytes()
+    if not is_tokenizer_json(source):
+        return Tokenizer(source, num_threads, path)
+    return _hf_module("hf_tokenizer").HFTokenizer(source, path)
+
+
+def is_tokenizer_json(data: bytes) -> bool:
+    """True for a ``tokenizer.json`` (a JSON object), False for a sentencepiece model (a protobuf)."""
+    return data.lstrip()[:1] == b"{"
+
+
+def _hf_module(name: str) -> ModuleType:
+    """``lm_lightning.data.<name>``, imported on first use: Hugging Face tokenizers is an optional dependency."""
+    try:
+        return importlib.import_module(f"lm_lightning.data.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != "tokenizers":
+            raise
+        raise UserError("tokenizer types byte_bpe, words and hf (and a checkpoint that carries a tokenizer.json) "
+                        "need Hugging Face tokenizers: pip install -e \".[hf]\"") from None
+
+
 def _training_lines(docs: Iterable[str]) -> Iterator[str]:
     total = len(docs) if isinstance(docs, Sequence) else None
     for doc in tqdm(docs, total=total, desc="tokenizer: reading training documents", unit="doc"):
@@ -94,13 +154,11 @@ def _training_lines(docs: Iterable[str]) -> Iterator[str]:
 class Tokenizer:
     """A trained sentencepiece model. Ids are ints in ``[0, vocab_size)``."""
 
-    def __init__(self, path: Path, num_threads: int | None = None) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"tokenizer model not found: {self.path} (train one or fix the tokenizer path)")
-        data = self.path.read_bytes()
-        self.sha256: str = hashlib.sha256(data).hexdigest()
-        self._sp = spm.SentencePieceProcessor(model_proto=data)
+    def __init__(self, model_proto: bytes, num_threads: int | None = None, path: Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._data = bytes(model_proto)
+        self.sha256: str = hashlib.sha256(self._data).hexdigest()
+        self._sp = spm.SentencePieceProcessor(model_proto=self._data)
         self.vocab_size: int = self._sp.get_piece_size()
         self.pad_id, self.unk_id = self._sp.pad_id(), self._sp.unk_id()
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
@@ -109,7 +167,15 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path, num_threads: int | None = None) -> Tokenizer:
-        return cls(Path(path), num_threads)
+        """A sentencepiece ``.model`` file (``load_tokenizer`` also takes a tokenizer.json)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"tokenizer model not found: {path} (train one or fix the tokenizer path)")
+        return cls(path.read_bytes(), num_threads, path)
+
+    def to_bytes(self) -> bytes:
+        """The model proto: what a checkpoint stores as ``tokenizer_model``."""
+        return self._data
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no BOS/EOS added."""
@@ -142,6 +208,17 @@ class Tokenizer:
         # A byte-fallback word keeps its leading space marker as raw bytes; make it a space.
         return NEWLINE.join(self._sp.decode(line).replace("\u2581", " ") for line in lines)
 
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Token ids of UTF-8 bytes; sentencepiece reads text, so invalid UTF-8 is refused."""
+        try:
+            return self.encode(data.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise UserError(f"a sentencepiece tokenizer cannot encode invalid UTF-8 ({err.reason} at byte "
+                            f"{err.start}): use tokenizer=byte_bpe") from None
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
     def fallback_ids(self) -> list[int]:
         """Ids that mean the vocabulary did not cover the text: ``<unk>`` and byte-fallback pieces."""
         return [i for i in range(self.vocab_size) if i == self.unk_id or self._sp.is_byte(i)]
@@ -149,7 +226,7 @@ class Tokenizer:
     def token_to_id(self, piece: str) -> int:
         i = self._sp.piece_to_id(piece)
         if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i):
-            raise UserError(f"token {piece!r} is not in tokenizer {self.path}: add it to tokenizer.special_tokens and retrain")
+            raise UserError(f"token {piece!r} is not in tokenizer {self.path or self.sha256[:12]}: add it to tokenizer.special_tokens and retrain")
         return i
 
     def id_to_token(self, i: int) -> str:
@@ -161,4 +238,4 @@ class Tokenizer:
                 if not self._sp.is_control(i) and self._sp.id_to_piece(i).endswith(tuple(endings))]
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.path}, vocab_size={self.vocab_size})"
+        return f"Tokenizer({self.path or self.sha256[:12]}, vocab_size={self.vocab_size})"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from lm_lightning.errors import UserError
@@ -27,7 +26,7 @@ def resolve_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | Non
 
 def load_trained(ckpt_path: str, device: str = "cpu"):
     """A trained LanguageModelTask and its tokenizer, from one checkpoint file."""
-    from lm_lightning.data.tokenizer import Tokenizer
+    from lm_lightning.data.tokenizer import load_tokenizer
     from lm_lightning.tasks.language_model import LanguageModelTask
     from lm_lightning.training.checkpoint_io import verify_checkpoint
 
@@ -48,9 +47,6 @@ def load_trained(ckpt_path: str, device: str = "cpu"):
         raise UserError(f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); pass another ckpt_path") from err
     if task.tokenizer_model is None:
         raise UserError(f"checkpoint {path} carries no tokenizer: it was not written by lm-lightning train")
-    with tempfile.NamedTemporaryFile(suffix=".model") as f:
-        f.write(task.tokenizer_model)
-        f.flush()
-        tokenizer = Tokenizer.load(f.name)  # read into memory; the file can go
+    tokenizer = load_tokenizer(task.tokenizer_model)  # a sentencepiece model or a tokenizer.json, by content
     task.eval()
     return task, tokenizer

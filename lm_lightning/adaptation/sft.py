@@ -37,7 +37,7 @@ def encode_example(tokenizer, row: Instruction, max_length: int) -> tuple[list[i
 def sft_batch(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded inputs (B, T) and targets (B, T) with prompt and padding targets set to ``IGNORE``."""
     width = max(len(ids) for ids, _ in examples) - 1
-    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    inputs = torch.full((len(examples), width), max(pad_id, 0), dtype=torch.long)  # no pad token: id 0, never scored
     targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     for row, (ids, prompt_length) in enumerate(examples):
         seq = torch.tensor(ids)

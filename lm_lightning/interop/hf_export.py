@@ -6,15 +6,16 @@ Each exportable GPT configuration computes exactly what one transformers archite
 
 | ``model.position`` | ``model.norm`` | ``model.activation`` | transformers class |
 |---|---|---|---|
-| learned, sinusoidal, none | layernorm | gelu, relu | ``GPT2LMHeadModel`` (the sinusoid table, or zeros, as ``wpe``) |
-| rope | layernorm | gelu, relu | ``GPTNeoXForCausalLM`` (sequential residual, rotary on the whole head) |
-| rope | rmsnorm | swiglu | ``LlamaForCausalLM`` |
+| learned, sinusoidal, none | layernorm | gelu, gelu_tanh, relu | ``GPT2LMHeadModel`` (the sinusoid table, or zeros, as ``wpe``) |
+| rope | layernorm | gelu, gelu_tanh, relu | ``GPTNeoXForCausalLM`` (``parallel_residual``, ``rope_fraction`` as its own) |
+| rope | rmsnorm | swiglu | ``LlamaForCausalLM`` (``n_kv_head`` as grouped-query attention) |
 
 Anything else (ALiBi or T5 positions, post-norm, Mixture of Experts, other families) has no exact
 counterpart and is refused with one line. Biases the GPT does not have are written as zeros where
 the transformers layer always has one (GPT-2, GPT-NeoX). The sentencepiece tokenizer goes along as
 ``tokenizer.model`` and, for bpe, unigram and char models, as a ``tokenizer.json`` that
-``AutoTokenizer`` loads and that encodes text to our ids (see :func:`hf_tokenizer`).
+``AutoTokenizer`` loads and that encodes text to our ids (see :func:`hf_tokenizer`). A tokenizer of
+HF ``tokenizers`` (byte_bpe, words, hf) goes as its own ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lm_lightning.data.tokenizer import is_tokenizer_json, load_tokenizer
 from lm_lightning.errors import UserError
 from lm_lightning.models.capabilities import reads_left_to_right
 from lm_lightning.models.gpt import GPT, GPTConfig
@@ -34,10 +36,14 @@ from lm_lightning.training.loading import load_trained
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+    from lm_lightning.data.hf_tokenizer import HFTokenizer
+
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
-SUPPORTED = ("supported: model.position=learned|sinusoidal|none with norm=layernorm, activation=gelu|relu (GPT-2); "
-             "position=rope with norm=layernorm, activation=gelu|relu (GPT-NeoX) or norm=rmsnorm, activation=swiglu "
-             "(Llama); all with norm_position=pre and n_experts=0")
+SUPPORTED = ("supported: model.position=learned|sinusoidal|none with norm=layernorm, activation=gelu|gelu_tanh|relu "
+             "(GPT-2); position=rope with norm=layernorm, activation=gelu|gelu_tanh|relu (GPT-NeoX) or norm=rmsnorm, "
+             "activation=swiglu (Llama); all with norm_position=pre and n_experts=0; parallel_residual and "
+             "rope_fraction < 1 with GPT-NeoX only, n_kv_head with Llama only")
+HF_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_tanh": "gelu_pytorch_tanh"}  # ours -> transformers' exact one
 TOLERANCE = 1e-4  # largest |logit difference| the exported model may show against the checkpoint (float32)
 _SPM_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}  # sentencepiece TrainerSpec.ModelType
 _NORMAL, _USER_DEFINED = 1, 4  # sentencepiece piece types: learned pieces; "\n" and tokenizer.special_tokens
@@ -46,7 +52,7 @@ _NORMAL, _USER_DEFINED = 1, 4  # sentencepiece piece types: learned pieces; "\n"
 def target_architecture(config: GPTConfig) -> str:
     """``gpt2``, ``gpt_neox`` or ``llama``: the transformers model type that computes exactly what
     ``config`` does; a one-line UserError naming the option that has no counterpart otherwise."""
-    c = config
+    c, unsupported = config, None
     if not reads_left_to_right(GPT.families[c.family]):  # transformers' causal LMs have no bidirectional prefix
         unsupported = f"model.family={c.family}"
     elif c.position not in ("learned", "sinusoidal", "none", "rope"):
@@ -55,14 +61,23 @@ def target_architecture(config: GPTConfig) -> str:
         unsupported = f"model.norm_position={c.norm_position}"
     elif c.n_experts:
         unsupported = f"model.n_experts={c.n_experts} (Mixture of Experts)"
-    elif c.position != "rope" and c.norm == "layernorm" and c.activation in ("gelu", "relu"):
-        return "gpt2"
-    elif c.position == "rope" and c.norm == "layernorm" and c.activation in ("gelu", "relu"):
-        return "gpt_neox"
+    elif c.position != "rope" and c.norm == "layernorm" and c.activation in HF_ACTIVATIONS:
+        arch = "gpt2"
+    elif c.position == "rope" and c.norm == "layernorm" and c.activation in HF_ACTIVATIONS:
+        arch = "gpt_neox"
     elif c.position == "rope" and c.norm == "rmsnorm" and c.activation == "swiglu":
-        return "llama"
+        arch = "llama"
     else:
         unsupported = f"model.position={c.position} with norm={c.norm}, activation={c.activation}"
+    if unsupported is None:  # options that one architecture only has
+        if c.parallel_residual and arch != "gpt_neox":
+            unsupported = f"model.parallel_residual=true with {ARCHITECTURES[arch]}"
+        elif c.rope_fraction != 1.0 and arch == "llama":
+            unsupported = f"model.rope_fraction={c.rope_fraction} with {ARCHITECTURES[arch]}"
+        elif (c.n_kv_head or c.n_head) != c.n_head and arch != "llama":
+            unsupported = f"model.n_kv_head={c.n_kv_head} with {ARCHITECTURES[arch]}"
+        else:
+            return arch
     raise UserError(f"cannot export {unsupported} to transformers: {SUPPORTED}")
 
 
@@ -77,15 +92,18 @@ def _params(prefix: str, module: nn.Module, bias: bool, transpose: bool = False)
     return out
 
 
-def _half_rotation(rows: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Query or key rows (n_head·head_dim, ...) reordered within each head for transformers' rotary.
+def rotary_order(head_dim: int, rotated: int) -> torch.Tensor:
+    """Rows of one head in transformers' rotary order: ours turns the pairs (2i, 2i+1) of the first ``rotated``
+    features, transformers' ``rotate_half`` the pairs (i, i + rotated/2), both by the angle of frequency i.
+    Rows [0, 2, 4, ..., 1, 3, 5, ...] of the rotated features make one the other; the rest keep their place."""
+    return torch.cat([torch.arange(0, rotated, 2), torch.arange(1, rotated, 2), torch.arange(rotated, head_dim)])
 
-    Our rotary turns the pairs (2i, 2i+1) of a head; transformers' ``rotate_half`` turns (i, i + head_dim/2),
-    both by the angle of frequency i. Rows [0, 2, 4, ..., 1, 3, 5, ...] make one the other; queries and keys
-    get the same order, so every attention score q·k is unchanged.
-    """
+
+def _half_rotation(rows: torch.Tensor, n_head: int, rotated: int | None = None) -> torch.Tensor:
+    """Query or key rows (n_head·head_dim, ...) reordered within each head for transformers' rotary
+    (:func:`rotary_order`); queries and keys get the same order, so every attention score q·k is unchanged."""
     head_dim = rows.shape[0] // n_head
-    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    order = rotary_order(head_dim, rotated or head_dim)
     return rows.reshape(n_head, head_dim, *rows.shape[1:])[:, order].reshape(rows.shape)
 
 
@@ -99,7 +117,7 @@ def _gpt2(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
         positions = model.wte.weight.new_zeros(c.block_size, c.n_embd)
     config = dict(n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
                   n_inner=model.h[0].mlp.c_fc.out_features,
-                  activation_function=c.activation,  # "gelu" is the exact erf GELU of F.gelu, not GPT-2's gelu_new
+                  activation_function=HF_ACTIVATIONS[c.activation],  # "gelu" is F.gelu's exact erf GELU
                   layer_norm_epsilon=model.ln_f.eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
     state = {"transformer.wte.weight": model.wte.weight, "transformer.wpe.weight": positions}
     for i, block in enumerate(model.h):
@@ -116,10 +134,11 @@ def _gpt_neox(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
     c = model.config
     head_dim = c.n_embd // c.n_head
     config = dict(hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                  intermediate_size=model.h[0].mlp.c_fc.out_features, hidden_act=c.activation,
+                  intermediate_size=model.h[0].mlp.c_fc.out_features, hidden_act=HF_ACTIVATIONS[c.activation],
                   max_position_embeddings=c.block_size, layer_norm_eps=model.ln_f.eps, attention_bias=c.bias,
-                  use_parallel_residual=False,  # x + attn(ln_1(x)), then + mlp(ln_2(·)): our block
-                  rope_parameters={"rope_type": "default", "rope_theta": c.rope_base, "partial_rotary_factor": 1.0},
+                  use_parallel_residual=c.parallel_residual,
+                  rope_parameters={"rope_type": "default", "rope_theta": c.rope_base,
+                                   "partial_rotary_factor": c.rope_fraction},  # int(head_dim · factor), as ours
                   attention_dropout=c.dropout, hidden_dropout=c.dropout)
     state = {"gpt_neox.embed_in.weight": model.wte.weight}
     for i, block in enumerate(model.h):
@@ -128,7 +147,7 @@ def _gpt_neox(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
         for name, tensor in qkv.items():
             # ours: rows [q | k | v], each head-major; GPT-NeoX: per head [q_h | k_h | v_h]
             q, k, v = tensor.chunk(3)
-            q, k = _half_rotation(q, c.n_head), _half_rotation(k, c.n_head)
+            q, k = _half_rotation(q, c.n_head, c.rotary_dims()), _half_rotation(k, c.n_head, c.rotary_dims())
             per_head = torch.stack([t.reshape(c.n_head, head_dim, *t.shape[1:]) for t in (q, k, v)], dim=1)
             state[f"{p}.attention.query_key_value.{name.split('.')[1]}"] = per_head.reshape(tensor.shape)
         state |= _params(f"{p}.attention.dense", block.attn.c_proj, bias=c.bias)
@@ -144,18 +163,19 @@ def _llama(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
     # nn.RMSNorm(eps=None) uses the machine epsilon of the input's dtype; the export is float32's
     eps = model.ln_f.eps if model.ln_f.eps is not None else torch.finfo(torch.float32).eps
     config = dict(hidden_size=c.n_embd, intermediate_size=model.h[0].mlp.c_fc.out_features,
-                  num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
+                  num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head or c.n_head,
                   head_dim=c.n_embd // c.n_head, hidden_act="silu", max_position_embeddings=c.block_size,
                   rms_norm_eps=eps, rope_parameters={"rope_type": "default", "rope_theta": c.rope_base},
                   attention_bias=c.bias, mlp_bias=c.bias, attention_dropout=c.dropout)
     state = {"model.embed_tokens.weight": model.wte.weight}
     for i, block in enumerate(model.h):
         p = f"model.layers.{i}"
+        kv = (c.n_kv_head or c.n_head) * (c.n_embd // c.n_head)
         for name, tensor in _params("qkv", block.attn.c_attn, bias=c.bias).items():
-            q, k, v = tensor.chunk(3)
+            q, k, v = tensor.split([c.n_embd, kv, kv])
             suffix = name.split(".")[1]
             state[f"{p}.self_attn.q_proj.{suffix}"] = _half_rotation(q, c.n_head)
-            state[f"{p}.self_attn.k_proj.{suffix}"] = _half_rotation(k, c.n_head)
+            state[f"{p}.self_attn.k_proj.{suffix}"] = _half_rotation(k, c.n_kv_head or c.n_head)
             state[f"{p}.self_attn.v_proj.{suffix}"] = v
         state |= _params(f"{p}.self_attn.o_proj", block.attn.c_proj, bias=c.bias)
         state |= _params(f"{p}.input_layernorm", block.ln_1, bias=False)
@@ -253,10 +273,27 @@ def _bpe_merges(pieces: list[tuple[str, float, int]]) -> list[tuple[str, str]]:
     return [(left, right) for _, _, left, right in ranked]
 
 
+def tokenizers_tokenizer(tokenizer: HFTokenizer, max_length: int) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer over a ``tokenizers`` one, with its roles named; control tokens in the
+    text are read as characters (``split_special_tokens``), as :class:`HFTokenizer` reads them."""
+    from tokenizers import Tokenizer
+
+    named = {f"{role}_token": tokenizer.id_to_token(i) for role, i in
+             (("unk", tokenizer.unk_id), ("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id))
+             if i >= 0}
+    return transformers_module().PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer.to_bytes().decode("utf-8")), split_special_tokens=True,
+        model_max_length=max_length, **named)
+
+
 def special_token_ids(model_proto: bytes | None) -> dict[str, int | None]:
-    """BOS, EOS and padding ids of a sentencepiece model, as transformers config fields."""
+    """BOS, EOS and padding ids of a sentencepiece model or a tokenizer.json, as transformers config fields."""
     if model_proto is None:
         return {}
+    if is_tokenizer_json(model_proto):
+        tokenizer = load_tokenizer(model_proto)
+        return {f"{name}_token_id": (i if i >= 0 else None)
+                for name, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id))}
     from sentencepiece import sentencepiece_model_pb2
 
     spec = sentencepiece_model_pb2.ModelProto.FromString(model_proto).trainer_spec
@@ -265,13 +302,16 @@ def special_token_ids(model_proto: bytes | None) -> dict[str, int | None]:
 
 
 def save_hf(model: GPT, out_dir: str | Path, tokenizer_model: bytes | None = None) -> Path:
-    """Writes ``model`` (and its sentencepiece tokenizer, when given) as a transformers folder:
-    config.json, model.safetensors, generation_config.json, and tokenizer.model plus, except for a
-    ``word`` tokenizer, tokenizer.json and tokenizer_config.json for ``AutoTokenizer``."""
+    """Writes ``model`` (and its tokenizer, when given) as a transformers folder: config.json,
+    model.safetensors, generation_config.json; for a sentencepiece tokenizer, tokenizer.model plus,
+    except for a ``word`` model, tokenizer.json and tokenizer_config.json for ``AutoTokenizer``; for a
+    tokenizer.json, it and tokenizer_config.json."""
     hf = to_transformers(model, special_token_ids(tokenizer_model))  # refuses an unsupported model before writing
     folder = Path(out_dir)
     hf.save_pretrained(folder)
-    if tokenizer_model is not None:
+    if tokenizer_model is not None and is_tokenizer_json(tokenizer_model):
+        tokenizers_tokenizer(load_tokenizer(tokenizer_model), model.config.block_size).save_pretrained(folder)
+    elif tokenizer_model is not None:
         (folder / "tokenizer.model").write_bytes(tokenizer_model)
         tokenizer = hf_tokenizer(tokenizer_model, model.config.block_size)
         if tokenizer is not None:
@@ -315,6 +355,6 @@ def export_to_hf(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = F
             raise RuntimeError(f"the exported model's logits differ from the checkpoint's by {difference:.2e} "
                                f"(> {TOLERANCE}): a bug in lm_lightning/interop/hf_export.py's {arch} layout")
         report += f" | max |logit difference| {difference:.1e} on {ids.numel()} tokens"
-    tokenizer = "tokenizer.json + tokenizer.model" if (folder / "tokenizer.json").exists() else "tokenizer.model"
-    print(f"{report} | {tokenizer}", flush=True)
+    tokenizer = " + ".join(name for name in ("tokenizer.json", "tokenizer.model") if (folder / name).exists())
+    print(f"{report} | {tokenizer or 'no tokenizer'}", flush=True)
     return folder

@@ -37,16 +37,21 @@ class GPTConfig:
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
+    n_kv_head: int | None = None  # key/value heads, dividing n_head (grouped-query attention); None = n_head
     mlp_ratio: float = 4.0
+    mlp_hidden: int | None = None  # feed-forward hidden width; None = from mlp_ratio (2/3 of mlp_ratio·n_embd for swiglu)
     dropout: float = 0.0
     bias: bool = True
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_position: str = "pre"  # pre | post
-    activation: str = "gelu"  # gelu | relu | swiglu
+    norm_eps: float | None = None  # None = LayerNorm's 1e-5, RMSNorm's machine epsilon of the dtype
+    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)), as GPT-NeoX (pre-norm only)
+    activation: str = "gelu"  # gelu | gelu_tanh | relu | swiglu
     position: str = "learned"  # learned | sinusoidal | rope | alibi | t5 | none
     relative_buckets: int = 32  # t5: relative-distance buckets
     relative_max_distance: int = 128  # t5: distances beyond this share the last bucket
     rope_base: float = 10000.0
+    rope_fraction: float = 1.0  # share of each head's features that rope turns (GPT-NeoX/Pythia: 0.25)
     tie_embeddings: bool = True
     init_std: float = 0.02
     n_experts: int = 0  # > 0: Mixture-of-Experts feed-forward in every block
@@ -59,8 +64,21 @@ class GPTConfig:
         require_block_options(self)
         require_choice(self, "position", POSITIONS)
         require_choice(self, "family", FAMILIES)
-        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
-            raise UserError("model.position=rope needs an even head size (n_embd / n_head)")
+        rotated = self.rotary_dims()
+        if self.position == "rope" and not (0 < self.rope_fraction <= 1 and rotated >= 2 and rotated % 2 == 0):
+            raise UserError(f"model.position=rope turns int(head size {self.n_embd // self.n_head} x model.rope_fraction="
+                            f"{self.rope_fraction}) = {rotated} features of each head: choose a head size and a "
+                            "rope_fraction in (0, 1] that give an even number, at least 2")
+        if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
+            raise UserError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head} (or be null)")
+        if self.mlp_hidden is not None:
+            require_positive_ints(self, "mlp_hidden")
+        if self.parallel_residual and self.norm_position != "pre":
+            raise UserError("model.parallel_residual=true needs model.norm_position=pre")
+
+    def rotary_dims(self) -> int:
+        """Features of each head that rope turns (GPT-NeoX's rule: int(head size · rope_fraction))."""
+        return int(self.n_embd // self.n_head * self.rope_fraction)
 
 
 class GPT(LanguageModel):
@@ -78,7 +96,7 @@ class GPT(LanguageModel):
         self.wpe = nn.Embedding(c.block_size, c.n_embd) if c.position == "learned" else None
         if c.position == "sinusoidal":
             self.register_buffer("sinusoid", sinusoidal_table(c.block_size, c.n_embd), persistent=False)
-        rotary = Rotary(c.n_embd // c.n_head, c.block_size, c.rope_base) if c.position == "rope" else None
+        rotary = Rotary(c.n_embd // c.n_head, c.block_size, c.rope_base, c.rotary_dims()) if c.position == "rope" else None
         self.position_bias = (
             PositionBias(c.position, c.n_head, c.relative_buckets, c.relative_max_distance)
             if c.position in ("alibi", "t5") else None
@@ -86,11 +104,12 @@ class GPT(LanguageModel):
         self.drop = nn.Dropout(c.dropout)
         self.h = nn.ModuleList(
             Block(c.n_embd, c.n_head, c.mlp_ratio, c.activation, c.norm, c.norm_position, c.bias, c.dropout, rotary,
-                  n_experts=c.n_experts, moe_top_k=c.moe_top_k)
+                  n_experts=c.n_experts, moe_top_k=c.moe_top_k, n_kv_head=c.n_kv_head,
+                  parallel_residual=c.parallel_residual, hidden=c.mlp_hidden, norm_eps=c.norm_eps)
             for _ in range(c.n_layer)
         )
         # post-norm blocks end in a norm already; pre-norm needs one before the head
-        self.ln_f = build_norm(c.norm, c.n_embd, c.bias) if c.norm_position == "pre" else nn.Identity()
+        self.ln_f = build_norm(c.norm, c.n_embd, c.bias, c.norm_eps) if c.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
             # input and output embeddings share one matrix (Press & Wolf 2017): fewer parameters, better perplexity
@@ -134,7 +153,8 @@ class GPT(LanguageModel):
     def new_caches(self, batch: int, like: torch.Tensor) -> list[KVCache]:
         """Empty KV caches for ``batch`` sequences up to the full context length."""
         c = self.config
-        return [KVCache.empty(batch, c.n_head, c.block_size, c.n_embd // c.n_head, like) for _ in range(c.n_layer)]
+        heads = c.n_kv_head or c.n_head  # grouped-query attention caches only the key/value heads
+        return [KVCache.empty(batch, heads, c.block_size, c.n_embd // c.n_head, like) for _ in range(c.n_layer)]
 
     def embedding_tables(self) -> list[nn.Module]:
         # vocabulary and position tables (learned, or T5's bucket biases) are "embedding"; an untied output head is a vocabulary

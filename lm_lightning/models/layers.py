@@ -17,25 +17,31 @@ from lm_lightning.errors import UserError
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
-ACTIVATIONS = ("gelu", "relu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")  # gelu: exact (erf); gelu_tanh: GPT-2's tanh approximation
 
 
-def build_norm(kind: str, dim: int, bias: bool) -> nn.Module:
-    """LayerNorm (optionally without bias, as nanoGPT) or RMSNorm; the model configs check ``kind``."""
-    return nn.LayerNorm(dim, bias=bias) if kind == "layernorm" else nn.RMSNorm(dim)
+def build_norm(kind: str, dim: int, bias: bool, eps: float | None = None) -> nn.Module:
+    """LayerNorm (optionally without bias, as nanoGPT) or RMSNorm; the model configs check ``kind``.
+    ``eps`` None: LayerNorm's 1e-5, RMSNorm's machine epsilon of the input's dtype (torch's defaults)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=1e-5 if eps is None else eps, bias=bias)
+    return nn.RMSNorm(dim, eps=eps)
+
+
+def hidden_width(dim: int, mlp_ratio: float, activation: str) -> int:
+    """The feed-forward hidden width ``mlp_ratio · dim``; SwiGLU takes 2/3 of it, so its three matrices
+    hold as many parameters as the two of a ReLU/GELU MLP."""
+    hidden = int(mlp_ratio * dim)
+    return int(2 * hidden / 3) if activation == "swiglu" else hidden
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: ReLU/GELU with one hidden layer, or SwiGLU with a gated hidden layer.
-
-    SwiGLU uses 2/3 of the hidden width so its parameter count matches the 2-matrix MLP.
-    """
+    """Position-wise MLP of hidden width ``hidden``: ReLU/GELU with one hidden layer, or SwiGLU with a gated one."""
 
     def __init__(self, dim: int, hidden: int, activation: str, bias: bool, dropout: float) -> None:
         super().__init__()
         self.activation = activation
         if activation == "swiglu":
-            hidden = int(2 * hidden / 3)
             self.c_gate = nn.Linear(dim, hidden, bias=bias)
         self.c_fc = nn.Linear(dim, hidden, bias=bias)
         self.c_proj = nn.Linear(hidden, dim, bias=bias)
@@ -47,6 +53,8 @@ class FeedForward(nn.Module):
             h = F.silu(self.c_gate(x)) * h
         elif self.activation == "gelu":
             h = F.gelu(h)
+        elif self.activation == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
         else:
             h = F.relu(h)
         return self.dropout(self.c_proj(h))
@@ -80,17 +88,25 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021), applied to queries and keys per head."""
+    """Rotary position embedding (Su et al. 2021), applied to queries and keys per head: the pairs
+    (2i, 2i+1) of a head's first ``dims`` features (``rotated``; None: all ``head_dim``) turn by
+    position · base^(-2i/dims); the features after them pass unchanged (partial rotary, as GPT-NeoX)."""
 
-    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0, rotated: int | None = None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
+        self.dims = dims = rotated or head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, dims/2)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: (B, n_head, T, head_dim), positions start..start+T-1."""
+        if x.size(-1) > self.dims:
+            return torch.cat((self._turn(x[..., : self.dims], start), x[..., self.dims :]), dim=-1)
+        return self._turn(x, start)
+
+    def _turn(self, x: torch.Tensor, start: int) -> torch.Tensor:
         T = x.size(-2)
         cos = self.cos[start : start + T].to(x.dtype)
         sin = self.sin[start : start + T].to(x.dtype)
@@ -180,7 +196,7 @@ class PositionBias(nn.Module):
 
 @dataclass
 class KVCache:
-    """Keys and values of the positions already processed, per layer: (B, n_head, T_max, head_dim)."""
+    """Keys and values of the positions already processed, per layer: (B, key/value heads, T_max, head_dim)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -238,17 +254,20 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, n_head: int, bias: bool, dropout: float, rotary: Rotary | None = None, cross: bool = False
+        self, dim: int, n_head: int, bias: bool, dropout: float, rotary: Rotary | None = None, cross: bool = False,
+        n_kv_head: int | None = None,
     ) -> None:
         super().__init__()
         self.n_head = n_head
+        self.n_kv_head = n_kv_head or n_head  # fewer: grouped-query attention, each key/value head serves a group
         self.head_dim = dim // n_head
         self.cross = cross
         if cross:
             self.c_q = nn.Linear(dim, dim, bias=bias)
             self.c_kv = nn.Linear(dim, 2 * dim, bias=bias)
         else:
-            self.c_attn = nn.Linear(dim, 3 * dim, bias=bias)
+            # rows [queries | keys | values], each head after head
+            self.c_attn = nn.Linear(dim, dim + 2 * self.n_kv_head * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(dim, dim, bias=bias)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
@@ -256,7 +275,7 @@ class Attention(nn.Module):
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         B, T, _ = t.shape
-        return t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        return t.view(B, T, -1, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -279,7 +298,8 @@ class Attention(nn.Module):
                     k, v = cache.append(k, v)
             causal = False
         else:
-            q, k, v = (self._heads(t) for t in self.c_attn(x).split(C, dim=2))
+            kv = self.n_kv_head * self.head_dim
+            q, k, v = (self._heads(t) for t in self.c_attn(x).split([C, kv, kv], dim=2))
             start = cache.length if cache is not None else 0
             if self.rotary is not None:
                 q, k = self.rotary(q, start), self.rotary(k, start)
@@ -293,7 +313,8 @@ class Attention(nn.Module):
         attn_mask = combine_masks(bias, mask, q.dtype)
         is_causal = causal and attn_mask is None and T > 1
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -347,7 +368,9 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
 class Block(nn.Module):
     """One transformer block: self-attention, optional cross-attention to an encoder output, and a
     feed-forward (dense, or Mixture-of-Experts when ``n_experts`` > 0), each with a residual,
-    pre- or post-norm."""
+    pre- or post-norm. ``parallel_residual`` (pre-norm only): attention and feed-forward both read the
+    block's input, x + attn(ln_1(x)) + mlp(ln_2(x)), as GPT-J and GPT-NeoX do. ``hidden``: the
+    feed-forward width (None: from ``mlp_ratio``, see :func:`hidden_width`)."""
 
     def __init__(
         self,
@@ -363,18 +386,23 @@ class Block(nn.Module):
         cross_attention: bool = False,
         n_experts: int = 0,
         moe_top_k: int = 2,
+        n_kv_head: int | None = None,
+        parallel_residual: bool = False,
+        hidden: int | None = None,
+        norm_eps: float | None = None,
     ) -> None:
         super().__init__()
         self.pre_norm = norm_position == "pre"
-        self.ln_1 = build_norm(norm, dim, bias)
-        self.attn = Attention(dim, n_head, bias, dropout, rotary)
+        self.parallel_residual = parallel_residual
+        self.ln_1 = build_norm(norm, dim, bias, norm_eps)
+        self.attn = Attention(dim, n_head, bias, dropout, rotary, n_kv_head=n_kv_head)
         if cross_attention:
-            self.ln_x = build_norm(norm, dim, bias)
+            self.ln_x = build_norm(norm, dim, bias, norm_eps)
             self.cross_attn = Attention(dim, n_head, bias, dropout, cross=True)
         else:
             self.cross_attn = None
-        self.ln_2 = build_norm(norm, dim, bias)
-        hidden = int(mlp_ratio * dim)
+        self.ln_2 = build_norm(norm, dim, bias, norm_eps)
+        hidden = hidden or hidden_width(dim, mlp_ratio, activation)
         self.mlp = (MoEFeedForward(dim, hidden, activation, bias, dropout, n_experts, moe_top_k) if n_experts > 0
                     else FeedForward(dim, hidden, activation, bias, dropout))
 
@@ -391,6 +419,8 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """``context``: the encoder output (B, S, C) that cross-attention reads, ``context_mask`` its
         (B, 1, 1, S) padding mask; ``cross_cache`` keeps its keys and values while decoding."""
+        if self.parallel_residual:
+            return x + self.attn(self.ln_1(x), causal, cache, bias, mask) + self.mlp(self.ln_2(x))
         if self.pre_norm:
             x = x + self.attn(self.ln_1(x), causal, cache, bias, mask)
             if self.cross_attn is not None:

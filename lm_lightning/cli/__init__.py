@@ -12,6 +12,8 @@ COMMANDS = {
     "prepare": ("lm_lightning.cli.prepare", "clean, split and tokenize a corpus into the cache (conf/prepare.yaml)"),
     "evaluate": ("lm_lightning.cli.evaluate", "loss, perplexity and bits-per-byte of a checkpoint on a text file "
                  "(task=zero_shot: as score)"),
+    "evaluate harness": ("lm_lightning.cli.evaluate_harness", "lm-evaluation-harness tasks on a checkpoint, offline "
+                         "(conf/evaluate_harness.yaml)"),
     "generate": ("lm_lightning.cli.generate", "sample text from a checkpoint (greedy, top-k, top-p, temperature)"),
     "finetune": ("lm_lightning.cli.finetune", "a classification head on a checkpoint, fine-tuned on a labelled TSV (SST-2 by default)"),
     "score": ("lm_lightning.cli.score", "zero-shot classification accuracy of a checkpoint (default: SST-2 dev) beside the majority class"),
@@ -19,6 +21,7 @@ COMMANDS = {
     "distill": ("lm_lightning.cli.distill", "knowledge distillation of a teacher checkpoint into a smaller student (conf/distill.yaml)"),
     "quantize": ("lm_lightning.cli.quantize", "int8 quantization of a checkpoint (post-training or quantization-aware) with size and speed"),
     "export": ("lm_lightning.cli.export", "a GPT checkpoint as a Hugging Face transformers model folder (needs the [hf] extra)"),
+    "import": ("lm_lightning.cli.import_hf", "a Hugging Face transformers folder (GPT-2, GPT-NeoX, Llama) as a checkpoint"),
     "estimate": ("lm_lightning.cli.estimate", "parameters, FLOPs/token and memory per device of a model config (conf/estimate.yaml)"),
     "scaling fit": ("lm_lightning.cli.scaling_fit", "scaling laws fitted from the run records of sweeps (conf/scaling_fit.yaml)"),
     "scaling plan": ("lm_lightning.cli.scaling_plan", "model shape and steps that spend a compute budget (conf/scaling_plan.yaml)"),
@@ -26,7 +29,7 @@ COMMANDS = {
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items())
     return (
         "usage: lm-lightning <command> [key=value ...] [-m] [--help]\n\n"
         f"commands:\n{rows}\n\n"
@@ -50,6 +53,8 @@ def main() -> None:
     command = sys.argv[1]
     if command == "scaling" and len(sys.argv) > 2:  # two-word commands: scaling fit, scaling plan
         command = f"scaling {sys.argv.pop(2)}"
+    if command == "evaluate" and sys.argv[2:3] == ["harness"]:  # evaluate harness: lm-eval tasks
+        command = f"evaluate {sys.argv.pop(2)}"
     if command == "evaluate" and "task=zero_shot" in sys.argv[2:]:  # the zero-shot evaluation is `score`
         command = "score"
         sys.argv.remove("task=zero_shot")

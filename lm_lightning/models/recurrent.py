@@ -35,11 +35,16 @@ class RecurrentConfig:
     bidirectional: bool = False
     tie_embeddings: bool = True
     init_std: float = 0.1  # embeddings and linear layers; 0.02 (GPT's) makes small inputs that learn slowly
+    #: set: every parameter (cells included) uniform in ±init_range instead, as Zaremba et al. 2014 (0.1)
+    init_range: float | None = None
+    head_bias: bool = False  # a bias on the vocabulary head (the paper's softmax layer has one)
 
     def __post_init__(self) -> None:
         require_choice(self, "family", CELLS)
         require_positive_ints(self, "vocab_size", "block_size", "n_layer", "n_embd")
         require_dropout(self)
+        if self.init_range is not None and not self.init_range > 0:
+            raise UserError(f"model.init_range={self.init_range} must be positive (or null for init_std)")
 
 
 @dataclass
@@ -57,6 +62,17 @@ class RecurrentCache:
         self.h, self.c = state if isinstance(state, tuple) else (state, None)
         self.length += consumed
 
+    def detach(self) -> None:
+        """Cuts the graph behind the state: back-propagation stops at this window (truncated BPTT)."""
+        self.h = self.h.detach()
+        self.c = None if self.c is None else self.c.detach()
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Zeroes the state of the batch rows where ``rows`` (B,) is True (a lane entering a new document)."""
+        keep = (~rows).to(self.h.dtype)[None, :, None]
+        self.h = self.h * keep
+        self.c = None if self.c is None else self.c * keep
+
     def reorder(self, order: torch.Tensor) -> None:
         """Keeps batch rows ``order`` (beam search): the batch is dimension 1 of the state."""
         self.h = self.h[:, order]
@@ -70,6 +86,8 @@ class RecurrentLM(LanguageModel):
 
     families = FAMILIES
     config_class = RecurrentConfig
+    #: its state can be carried from one window to the next (data.sampling=streams) when causal
+    carries_state = True
 
     def __init__(self, config: RecurrentConfig) -> None:
         super().__init__()
@@ -82,12 +100,18 @@ class RecurrentLM(LanguageModel):
         )
         # both directions' states (2d) are projected back to d so the head can share the embedding table
         self.proj = nn.Linear(2 * c.n_embd, c.n_embd) if c.bidirectional else None
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        nn.init.normal_(self.wte.weight, std=c.init_std)
-        nn.init.normal_(self.lm_head.weight, std=c.init_std)
-        if self.proj is not None:
-            nn.init.normal_(self.proj.weight, std=c.init_std)
-            nn.init.zeros_(self.proj.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.head_bias)
+        if c.init_range is not None:  # the cells' weights and biases too, as Zaremba et al. initialise
+            for p in self.parameters():
+                nn.init.uniform_(p, -c.init_range, c.init_range)
+        else:
+            nn.init.normal_(self.wte.weight, std=c.init_std)
+            nn.init.normal_(self.lm_head.weight, std=c.init_std)
+            if self.lm_head.bias is not None:
+                nn.init.zeros_(self.lm_head.bias)
+            if self.proj is not None:
+                nn.init.normal_(self.proj.weight, std=c.init_std)
+                nn.init.zeros_(self.proj.bias)
         if c.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # Press & Wolf 2017; the recurrent cells keep PyTorch's init
 
@@ -101,19 +125,33 @@ class RecurrentLM(LanguageModel):
         """The cell, or ``bidirectional <cell>``: a model that reads both ways trains for other objectives."""
         return f"bidirectional {fields['family']}" if fields.get("bidirectional") else str(fields["family"])
 
-    def forward(self, idx: torch.Tensor, caches: list[RecurrentCache] | None = None) -> torch.Tensor:
-        """idx: (B, T) token ids; caches: ``new_caches()`` when decoding incrementally (updated in place)."""
+    def forward(self, idx: torch.Tensor, caches: list[RecurrentCache] | None = None,
+                resets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids; caches: ``new_caches()`` to start from and update the carried state (decoding,
+        or training on streams); resets: (B, T) bool, True where a row's state is zeroed before that token."""
         x = self.drop(self.wte(idx))  # (B, T, d)
         if caches:
             if not self.causal:
                 raise UserError("a bidirectional recurrent model reads the whole sequence and cannot generate")
-            out, state = self.rnn(x, caches[0].state())
-            caches[0].update(state, idx.size(1))
+            out = self._carry(x, caches[0], resets)
         else:
             out, _ = self.rnn(x)  # (B, T, d), or (B, T, 2d) when bidirectional
         if self.proj is not None:
             out = self.proj(out)
         return self.lm_head(self.drop(out))
+
+    def _carry(self, x: torch.Tensor, cache: RecurrentCache, resets: torch.Tensor | None) -> torch.Tensor:
+        """Reads x (B, T, d) from the cache's state, updating it; the cells run once per stretch between the
+        positions where some row resets, since a fused cell cannot zero one row mid-sequence."""
+        cuts = [] if resets is None else resets[:, 1:].any(0).nonzero().flatten().add(1).tolist()
+        outs = []
+        for start, end in zip([0, *cuts], [*cuts, x.size(1)]):
+            if resets is not None:
+                cache.reset(resets[:, start])
+            out, state = self.rnn(x[:, start:end], cache.state())
+            cache.update(state, end - start)
+            outs.append(out)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def new_caches(self, batch: int, like: torch.Tensor) -> list[RecurrentCache]:
         """One cache holding the zero initial state of every layer for ``batch`` sequences."""

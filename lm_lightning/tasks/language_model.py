@@ -1,8 +1,10 @@
 """Pre-training LightningModule: any model from config, any objective, AdamW-style optimizers with
-weight-decay groups, a per-step schedule, and the metrics of SPEC §5 and §8."""
+weight-decay groups, a per-step (or per-epoch) schedule, and the metrics of SPEC §5 and §8. On contiguous
+streams (``data.sampling=streams``) a recurrent model carries its state from batch to batch (``carried_state.py``)."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,9 +16,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lm_lightning.errors import UserError
+from lm_lightning.objectives.base import ObjectiveOutput
 from lm_lightning.parallel.cuda import optimizer_kwargs_for, use_tf32_on_cuda
+from lm_lightning.tasks.carried_state import CarriedState
 from lm_lightning.tasks.metrics import LanguageModelMetrics, Ratio
 from lm_lightning.tracking.callbacks import reaches_loggers
+from lm_lightning.training.lightning_internals import batches_processed_in_epoch
+
+log = logging.getLogger("lm_lightning")
 
 
 class LanguageModelTask(L.LightningModule):
@@ -38,7 +46,10 @@ class LanguageModelTask(L.LightningModule):
         tokenizer_model: bytes | None = None,
         parallelize: Callable[[nn.Module, Any], nn.Module] | None = None,
         compile: bool = False,
+        text_preparation: Mapping[str, Any] | None = None,
     ) -> None:
+        """``text_preparation``: the corpus's ``cleaning`` and ``document_split``, kept in the checkpoint's
+        hyper-parameters so ``evaluate`` prepares a text file as the training text was."""
         super().__init__()
         # configs are saved so a checkpoint rebuilds the model alone; callables are not serialisable
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "tokenizer_model", "parallelize", "compile"])
@@ -64,6 +75,29 @@ class LanguageModelTask(L.LightningModule):
         self._flops_per_token = self.model.flops_per_token(self.context)
         self._batch_tokens = 0
         self.last_val_step: int | None = None  # global step of the latest validation
+        self.carried = CarriedState()  # the recurrent state across stream windows (data.sampling=streams)
+        self._streams = False
+
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule
+        self._streams = bool(getattr(data, "streams", False))
+        if self._streams and not (getattr(self.model, "carries_state", False) and self.model.causal):
+            raise UserError(f"data.sampling=streams carries a recurrent state across batches: it needs a causal "
+                            f"recurrent model (model=lstm, gru or rnn), not {self.model.config.family!r}")
+        if self._streams and getattr(self.objective, "name", None) != "causal_lm":
+            raise UserError(f"data.sampling=streams trains on next-token prediction: use objective=causal_lm, "
+                            f"not {getattr(self.objective, 'name', self.objective)!r}")
+
+    def _predict(self, batch: torch.Tensor, batch_idx: int, split: str,
+                 generator: torch.Generator | None = None) -> ObjectiveOutput:
+        """The objective on a batch; on streams the model reads on from the state of the window before."""
+        if not self._streams:
+            return self.objective(self.model, batch, generator)
+        caches = self.carried.caches(self.model, split, batch_idx, batch)
+        resets = self.trainer.datamodule.stream_resets(split, batch_idx)
+        resets = None if resets is None else resets.to(batch.device)
+        # the objective calls model(inputs): here the model reading on from the carried state
+        return self.objective(lambda inputs: self.model(inputs, caches, resets=resets), batch)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -92,7 +126,7 @@ class LanguageModelTask(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._batch_tokens = batch[:, 1:].numel()
-        out = self.objective(self.model, batch)
+        out = self._predict(batch, batch_idx, "train")
         loss = out.loss
         aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
         if aux is not None:
@@ -132,7 +166,7 @@ class LanguageModelTask(L.LightningModule):
         self._batch_tokens = batch[:, 1:].numel()
         # the same masks and spans at every evaluation, so validation losses compare over time
         generator = torch.Generator(batch.device).manual_seed(1_000_003 * batch_idx + 17)
-        out = self.objective(self.model, batch, generator)
+        out = self._predict(batch, batch_idx, "val", generator)
         self.val_metrics.update(out.nll_sum, out.n_tokens)
         for name, (hit, total) in out.accuracies.items():
             self.val_accuracy[name].update(hit, total)
@@ -143,6 +177,12 @@ class LanguageModelTask(L.LightningModule):
         for name, metric in self.val_accuracy.items():
             metrics[name] = metric.compute()
             metric.reset()
+        words_per_token = self._streams and self.trainer.datamodule.words_per_token("val")
+        if words_per_token:  # the recurrent-LM papers' figure: per word, a line end counting as one
+            metrics["word_perplexity"] = torch.exp(metrics["loss"] / words_per_token)
+            if not self.trainer.sanity_checking:
+                log.info("validation at step %d: per-word perplexity %.2f (%.4f nats/token, %.3f words/token)",
+                         self.global_step, metrics["word_perplexity"], metrics["loss"], words_per_token)
         if not self.trainer.sanity_checking:
             self.last_val_step = self.global_step
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False)
@@ -159,12 +199,16 @@ class LanguageModelTask(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # a factory may return Lightning's scheduler config itself, to be stepped per epoch (epoch_schedules.per_epoch)
+        config = scheduler if isinstance(scheduler, dict) else {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the tokenizer travels inside the checkpoint, so evaluate/generate need nothing else
         if self.tokenizer_model is not None:
             checkpoint["tokenizer_model"] = self.tokenizer_model
+        if self._streams and (state := self.carried.state_dict(batches_processed_in_epoch(self.trainer))):
+            checkpoint["carried_state"] = state  # the recurrent state each training lane reads on from
         # random states, so dropout masks and sampling continue as if the run had never stopped
         checkpoint["initial_loss"] = self.initial_loss
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
@@ -173,6 +217,8 @@ class LanguageModelTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokenizer_model = checkpoint.get("tokenizer_model", self.tokenizer_model)
         self.initial_loss = checkpoint.get("initial_loss", self.initial_loss)
+        if state := checkpoint.get("carried_state"):
+            self.carried.load_state_dict(state)
         if states := checkpoint.get("rng_states"):
             torch.set_rng_state(states["torch"])
             np.random.set_state(states["numpy"])

@@ -14,6 +14,12 @@ The other lines run (shortened) in the tests of their commands, not again here:
   train -m ... scaling_cpu; scaling fit        test_scaling_budget.py::test_scaling_fit_reads_a_sweep_back_from_its_run_records
   train experiment=tiny ... ckpt_path=last     test_resume.py; test_reliability.py (resume after a kill, after a torn write)
   evaluate                                     test_cli.py::test_evaluate_reports_loss_perplexity_and_bits_per_byte
+  evaluate ... stride=32                       test_evaluate.py (stride, stateful, the report, WikiText-2 on a slice)
+  prepare data=hf|parquet                      test_data_sources.py::test_text_jsonl_parquet_and_hf_sources_prepare_identical_token_files
+  train|prepare tokenizer=byte_bpe|words       test_hf_tokenizers.py
+  evaluate harness; score; export (harness)    test_harness.py (the SST-2 and WikiText-2 tasks against score, evaluate and lm-eval's hf)
+  train experiment=zaremba_small              test_streams.py (the recipe's settings, resume across an epoch, a short run)
+  import                                       test_import_hf.py::test_import_command_then_continued_pretraining_from_the_imported_checkpoint
   generate ... top_p=0.9 num_samples=2         test_cli.py::test_generate_samples_from_a_checkpoint_with_and_without_cache
   score                                        test_zero_shot.py::test_score_command_prints_accuracy_beside_the_majority_baseline
   finetune (classification, peft=lora)         test_finetune.py::test_finetune_command_trains_a_head_and_reports_dev_accuracy

@@ -8,7 +8,7 @@ The Trainer path is the Trainer of ``lm-lightning train experiment=shakespeare_c
 loggers (conf/logger: W&B, offline unless logged in, and CSV) and every callback of conf/callbacks (checkpoints,
 non-finite guard, lr monitor, throughput monitor, progress bar), the task's metrics and logging, the optimizer and
 schedule of conf/ (warm-up shortened to a tenth of ``--steps``); only validation is off. The plain loop has the
-same model, optimizer (conf/, e.g. foreach AdamW), schedule and batches.
+same model, optimizer (conf/, with the fused kernels the task picks), schedule and batches.
 Each path runs ``--runs`` times, in turn; the ratio quoted is the median over runs.
 
 Shapes: ``nanogpt`` = BASELINES.md's CPU nanoGPT run (4 layers, 4 heads, 128 wide, context 64, batch 12,
@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 
 from lm_lightning.config.app import CONF_DIR, instantiate_group, plain
 from lm_lightning.models.gpt import GPT, GPTConfig
+from lm_lightning.parallel.cuda import optimizer_kwargs_for
 from lm_lightning.tasks.language_model import LanguageModelTask, weight_decay_groups
 from lm_lightning.training.job import Job
 
@@ -72,7 +73,9 @@ def plain_loop(shape: dict, data: list[torch.Tensor], device: str, precision: st
         model.compile()
     with tempfile.TemporaryDirectory(prefix="throughput_") as run_dir:  # the Trainer path's optimizer and schedule
         cfg = train_config(shape, len(data), device, precision, Path(run_dir))
-    optimizer = hydra.utils.instantiate(cfg.optimizer)(params=weight_decay_groups(model, cfg.optimizer.weight_decay))
+    factory = hydra.utils.instantiate(cfg.optimizer)
+    optimizer = factory(params=weight_decay_groups(model, cfg.optimizer.weight_decay),
+                        **optimizer_kwargs_for(factory, torch.device(device)))  # the task's choice: fused kernels
     scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer=optimizer)
     ends = [time.perf_counter()]
     for xy in data:

@@ -70,11 +70,12 @@ def test_the_shell_script_runs_its_cpu_path(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "no GPU: CUDA is not available here; composed 1 configs, trained nothing"
 
 
-def test_fused_adamw_only_on_cuda():
+def test_fused_adamw_on_cuda_and_cpu():
     adamw = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
     assert optimizer_kwargs_for(adamw, torch.device("cuda", 0)) == {"fused": True}
     assert optimizer_kwargs_for(functools.partial(torch.optim.Adam), torch.device("cuda")) == {"fused": True}
-    assert optimizer_kwargs_for(adamw, torch.device("cpu")) == {}
+    assert optimizer_kwargs_for(adamw, torch.device("cpu")) == {"fused": True}
+    assert optimizer_kwargs_for(adamw, torch.device("meta")) == {}
     assert optimizer_kwargs_for(functools.partial(torch.optim.SGD, lr=0.1), torch.device("cuda")) == {}
     # a configured implementation is kept
     assert optimizer_kwargs_for(functools.partial(torch.optim.AdamW, foreach=True), torch.device("cuda")) == {}
@@ -133,8 +134,8 @@ def test_the_task_builds_its_optimizer_with_the_device_decision(monkeypatch):
              "n_head": 2, "n_embd": 16}
     task = LanguageModelTask(model=model, objective={"_target_": "lm_lightning.objectives.causal_lm.CausalLM"},
                              optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), scheduler=None)
-    assert not task.configure_optimizers().defaults.get("fused")  # on CPU: torch's default implementation
+    assert task.configure_optimizers().defaults["fused"] is True  # torch's fused kernel on CPU too
     asked = []
     monkeypatch.setattr(language_model, "optimizer_kwargs_for",
-                        lambda factory, device: asked.append(device.type) or {"fused": True})  # as on CUDA
-    assert task.configure_optimizers().defaults["fused"] is True and asked == ["cpu"]
+                        lambda factory, device: asked.append(device.type) or {})  # as on a device without one
+    assert not task.configure_optimizers().defaults.get("fused") and asked == ["cpu"]

@@ -74,6 +74,8 @@ def train(cfg: DictConfig, task_class: Callable[..., LanguageModelTask] = Langua
         tokenizer_model=Path(corpus.tokenizer_path).read_bytes(),
         parallelize=parallelize,
         compile=cfg.get("compile", False),
+        text_preparation={"cleaning": plain(cfg.data.corpus.get("cleaning")) or {},
+                          "document_split": cfg.data.corpus.source.get("document_split") or "file"},
     )
     if start is not None:
         start.load_into(task.model)

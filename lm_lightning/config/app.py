@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,10 @@ def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], C
         def task(cfg: DictConfig) -> Any:
             multirun = HydraConfig.get().mode == RunMode.MULTIRUN
             try:
+                from lm_lightning.config.overrides import missing_values_problem  # overrides imports this module
+
+                if problem := missing_values_problem(cfg, config_name):
+                    raise UserError(problem)
                 return fn(cfg)
             except Exception as err:
                 if user_error := _user_error(err):
@@ -74,13 +79,20 @@ def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], C
 
         @functools.wraps(fn)
         def entry() -> Any:
-            from lm_lightning.config.overrides import check_overrides
+            from lm_lightning.config.overrides import check_before_composing, composition_problem
 
-            problem = check_overrides(config_name, sys.argv[1:])
-            if problem:
-                print(f"error: {problem}", file=sys.stderr, flush=True)
-                sys.exit(2)
-            return app()
+            problem = check_before_composing(config_name, sys.argv[1:])
+            if problem is None:
+                # Hydra raises instead of printing its many-line report, so a composition error becomes one line
+                # here and the config is composed once, by Hydra (not first by a check and then again)
+                os.environ["HYDRA_FULL_ERROR"] = "1"
+                try:
+                    return app()
+                except Exception as err:
+                    if not (problem := composition_problem(err, config_name)):
+                        raise
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
         return entry
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lm_lightning.errors import UserError
@@ -58,3 +59,25 @@ def _positive_int(node: DictConfig, name: str) -> None:
     value = node[name.rsplit(".", 1)[1]]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise UserError(f"{name}={value!r} must be a positive integer")
+
+
+class RefuseBeforeRunning(Callback):
+    """Hydra callback (``hydra.callbacks`` of conf/train.yaml): the composed config of a single run is checked
+    before Hydra makes its run folder, so a refused run writes nothing. Hydra turns a callback's exception into a
+    warning, so a problem ends the command here, as the command's own error contract does: one ``error:`` line,
+    exit status 2. (A multirun's jobs are checked each in turn by the command itself.)"""
+
+    def on_run_start(self, config: DictConfig, config_name: str | None = None, **kwargs: object) -> None:
+        import sys
+
+        from lm_lightning.config.overrides import missing_values_problem
+
+        problem = missing_values_problem(config, config_name or "train")
+        if problem is None and config_name == "train":
+            try:
+                check_train_config(config)
+            except UserError as err:
+                problem = str(err)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(2)

@@ -13,33 +13,23 @@ from lm_lightning.config.app import CONF_DIR
 from lm_lightning.errors import UserError
 
 
+COMPOSITION_ERRORS = ("ConfigCompositionException", "MissingConfigException")  # hydra.errors, named lazily
+
+
 def check_overrides(config_name: str, args: list[str]) -> str | None:
     """Composes the config once with the command-line overrides; returns a one-line problem or None.
 
     Hydra reports a bad override over several lines; users get one line that names the key and
     the valid choices. Sweeps (``a=1,2``) are checked with their first value, except an experiment
-    sweep: each experiment must be one of this command's.
+    sweep: each experiment must be one of this command's. The console command does the same checks
+    around Hydra's own composition instead (:func:`check_before_composing`, :func:`composition_problem`,
+    :func:`missing_values_problem`): one composition per command, not two.
     """
     from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from hydra.errors import ConfigCompositionException, MissingConfigException
 
-    overrides, experiments = [], []
-    parser = OverridesParser.create()
-    for arg in args:
-        if arg.startswith("-") or "=" not in arg or arg.startswith("hydra"):
-            continue  # flags (-m, --cfg job) and Hydra's own settings are Hydra's to check
-        try:
-            override = parser.parse_override(arg)
-        except OverrideParseException as err:
-            return f"cannot parse override {arg!r}: {str(err).splitlines()[0]}"
-        if override.key_or_group == "experiment":
-            experiments += (list(override.sweep_string_iterator()) if override.is_sweep_override()
-                            else [override.get_value_element_as_str()])
-        if override.is_sweep_override():
-            arg = f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
-        overrides.append(arg)
-    if problem := _experiment_of_another_command(config_name, experiments) or _torchrun_without_run_dir(args):
+    problem, overrides = _parse(config_name, args)
+    if problem:
         return problem
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -54,10 +44,70 @@ def check_overrides(config_name: str, args: list[str]) -> str | None:
         except UserError as err:
             return str(err)
     printing_only = any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in args)  # --cfg, --help
+    return None if printing_only else missing_values_problem(cfg, config_name)
+
+
+def check_before_composing(config_name: str, args: list[str]) -> str | None:
+    """What can be refused before Hydra composes: an unparsable override, another command's experiment, a torchrun
+    rank without a shared run folder; and, where a config file in play marks a value the user must give
+    (``???`` or ``${required:}``), everything :func:`check_overrides` checks, so the missing value is named
+    before Hydra makes a run folder. Elsewhere Hydra's own composition is the only one."""
+    problem, overrides = _parse(config_name, args)
+    if problem is None and any(REQUIRED in text or "???" in text for text in _files_in_play(config_name, overrides)):
+        problem = check_overrides(config_name, args)
+    return problem
+
+
+def _files_in_play(config_name: str, overrides: list[str]) -> list[str]:
+    """The text of the command's config and those it extends, each group option named on the command line,
+    and the group options each named experiment selects in its defaults list."""
+    conf = Path(CONF_DIR)
+    names = dict.fromkeys([config_name, _base_config(config_name)])
+    files = [conf / f"{name}.yaml" for name in names]
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        files.append(conf / key / f"{value}.yaml")
+        if key == "experiment" and (conf / key / f"{value}.yaml").is_file():
+            for entry in OmegaConf.load(conf / key / f"{value}.yaml").get("defaults") or []:
+                for group, option in (entry.items() if isinstance(entry, DictConfig) else []):
+                    files.append(conf / str(group).removeprefix("override ").strip("/") / f"{option}.yaml")
+    return [path.read_text() for path in files if path.is_file()]
+
+
+def composition_problem(err: BaseException, config_name: str) -> str | None:
+    """One line for Hydra's composition error ``err`` (an unknown key, a missing group option); None for others."""
+    if type(err).__name__ not in COMPOSITION_ERRORS or not type(err).__module__.startswith("hydra"):
+        return None
+    return _one_line(err, config_name)
+
+
+def missing_values_problem(cfg: DictConfig, config_name: str) -> str | None:
+    """One line naming the values the user must still give in the composed ``cfg``, or None."""
     missing = [key for key in _missing_values(cfg) if not key.startswith("hydra.")]
-    if missing and not printing_only:
-        return _required(missing, config_name)
-    return None
+    return _required(missing, config_name) if missing else None
+
+
+def _parse(config_name: str, args: list[str]) -> tuple[str | None, list[str]]:
+    """(a problem found without composing, or None; the overrides to compose with, sweeps at their first value)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    overrides, experiments = [], []
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg or arg.startswith("hydra"):
+            continue  # flags (-m, --cfg job) and Hydra's own settings are Hydra's to check
+        try:
+            override = parser.parse_override(arg)
+        except OverrideParseException as err:
+            return f"cannot parse override {arg!r}: {str(err).splitlines()[0]}", []
+        if override.key_or_group == "experiment":
+            experiments += (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                            else [override.get_value_element_as_str()])
+        if override.is_sweep_override():
+            arg = f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
+        overrides.append(arg)
+    return _experiment_of_another_command(config_name, experiments) or _torchrun_without_run_dir(args), overrides
 
 
 def _experiment_of_another_command(config_name: str, experiments: list[str]) -> str | None:

@@ -1,6 +1,6 @@
-"""Settings that only a CUDA device takes, decided from the device so CPU runs stay exactly as they are:
-fused AdamW kernels, TF32 matmuls for the fp32 parts, and pinned host memory for batches (Lightning already
-copies batches to a CUDA device with ``non_blocking=True``; pinned pages make that copy asynchronous)."""
+"""Device-dependent speed settings, decided from the device: fused AdamW kernels (CUDA and CPU), and on CUDA only
+TF32 matmuls for the fp32 parts and pinned host memory for batches (Lightning already copies batches to a CUDA
+device with ``non_blocking=True``; pinned pages make that copy asynchronous)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ from typing import Any
 import torch
 
 FUSABLE = (torch.optim.Adam, torch.optim.AdamW)  # torch's fused kernels: one launch for every parameter
+# torch defaults to a Python loop over the parameters on CPU and to foreach kernels on CUDA; its fused kernels
+# exist for both (on CPU since torch 2.4) and are the fastest: on CPU at nanoGPT's Shakespeare shape the step of
+# clip + AdamW takes ~2.6 ms fused against ~4.1 ms foreach and ~4.2 ms looped (benchmarks/throughput.py)
+FUSED_DEVICES = ("cuda", "cpu")
 
 
 def optimizer_kwargs_for(factory: Any, device: torch.device) -> dict[str, Any]:
-    """Extra arguments for ``factory(params=...)`` on ``device``: ``fused=True`` for Adam/AdamW on CUDA unless
-    the config already chose an implementation (``fused`` or ``foreach``); nothing anywhere else."""
+    """Extra arguments for ``factory(params=...)`` on ``device``: ``fused=True`` for Adam/AdamW on CUDA and CPU
+    unless the config already chose an implementation (``fused`` or ``foreach``); nothing anywhere else."""
     func = factory.func if isinstance(factory, functools.partial) else factory
     chosen = getattr(factory, "keywords", {})
-    if torch.device(device).type != "cuda" or func not in FUSABLE or "fused" in chosen or "foreach" in chosen:
+    if torch.device(device).type not in FUSED_DEVICES or func not in FUSABLE or "fused" in chosen or "foreach" in chosen:
         return {}
     return {"fused": True}
 

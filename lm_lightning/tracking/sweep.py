@@ -62,7 +62,10 @@ class SweepSummary(Callback):
             stale.unlink()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        job = _write_outcome(config, job_outcome(job_return.status, job_return._return_value))
+        value = job_return._return_value
+        if config.get("optimized_metric") and isinstance(value, float):  # a search's trial: the row from run.json
+            value = _run_row(Path(config.hydra.runtime.output_dir)) or value
+        job = _write_outcome(config, job_outcome(job_return.status, value))
         if job is not None:
             self.jobs[job["job"]] = job
 
@@ -72,14 +75,20 @@ class SweepSummary(Callback):
         jobs = sorted({**written, **self.jobs}.values(), key=lambda j: j["job"])
         if not jobs:
             return
+        common, varying = split_overrides([job_overrides(j) for j in jobs])
+        for job, values in zip(jobs, varying):
+            job["varying"] = values  # what tells this job from the others, e.g. {"optimizer.lr": "0.001"}
         failed = [j for j in jobs if j["outcome"] == "failed"]
         skipped = [j for j in jobs if j["outcome"] == "skipped"]
         ran = len(jobs) - len(skipped)
         lines = ["", f"sweep summary: {ran - len(failed)} of {ran} jobs finished, {len(failed)} failed"
                  + (f"; {len(skipped)} incompatible pairs skipped" if skipped else "")]
-        lines += [f"  #{j['job']:<3} {j['outcome']:<6} {j['overrides']}  {j['detail']}" for j in jobs
-                  if j["outcome"] != "skipped"]
-        lines += results_table([j["result"] for j in jobs if "result" in j])
+        if any(varying):  # the shared overrides once, then what each job changes
+            lines.append(f"  every job: {_joined(common)}")
+        lines += [f"  #{j['job']:<3} {j['outcome']:<6} {_joined(j['varying']) if any(varying) else j['overrides']}"
+                  f"  {j['detail']}" for j in jobs if j["outcome"] != "skipped"]
+        lines += results_table([j for j in jobs if "result" in j])
+        lines += _search_best(config, sweep_dir)
         print("\n".join(lines), flush=True)
         (sweep_dir / "summary.json").write_text(json.dumps(jobs, indent=2))
         if failed:
@@ -117,7 +126,8 @@ def _write_outcome(config: DictConfig, outcome: dict[str, Any]) -> dict[str, Any
     import torch
 
     job_dir = Path(config.hydra.runtime.output_dir)
-    job = {"job": config.hydra.job.num, "overrides": " ".join(config.hydra.overrides.task), **outcome,
+    job = {"job": config.hydra.job.num, "overrides": " ".join(config.hydra.overrides.task),
+           "override_list": list(config.hydra.overrides.task), **outcome,
            "dir": str(job_dir), "threads": torch.get_num_threads()}
     partial = job_dir / f".{OUTCOME_FILE}.partial"
     partial.write_text(json.dumps(job, indent=2, default=str))
@@ -129,24 +139,75 @@ def _outcome_files(sweep_dir: Path) -> list[Path]:
     return list(sweep_dir.rglob(OUTCOME_FILE)) if sweep_dir.is_dir() else []
 
 
+def _run_row(job_dir: Path) -> dict[str, Any] | None:
+    """The table row of the job whose function returned its ``optimized_metric`` (for a sweeper) instead of the row."""
+    path = job_dir / "run.json"
+    return sweep_row(json.loads(path.read_text())) if path.is_file() else None
+
+
+def _search_best(config: DictConfig, sweep_dir: Path) -> list[str]:
+    """The Optuna sweeper's best trial (its ``optimization_results.yaml`` in the sweep folder), as the last line."""
+    path = sweep_dir / "optimization_results.yaml"
+    if "optuna" not in str(config.hydra.sweeper.get("_target_", "")).lower() or not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    best = OmegaConf.load(path)
+    if "best_params" not in best:  # several objectives: a Pareto front, listed in that file
+        return ["", f"search: {len(best.get('solutions', []))} Pareto-optimal trials in {path}"]
+    params = " ".join(f"{name}={value}" for name, value in best.best_params.items())
+    return ["", f"search best: {params}  {config.get('optimized_metric') or 'objective'} {best.best_value:.4f}  ({path})"]
+
+
 def _first_rank() -> bool:
     """Whether this is rank 0 of a several-process job (and so also of a SLURM job's tasks, or of the processes
     Lightning starts for its other ranks): every rank variable that is set says 0."""
     return all(os.environ.get(variable, "0") == "0" for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
-def results_table(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per finished job: family, objective, parameters, losses, perplexity, bits-per-byte, seconds."""
-    if not rows:
+def job_overrides(job: dict[str, Any]) -> dict[str, str]:
+    """A job's command-line overrides as {key: value} (``+key``/``++key`` under ``key``; ``~key``: value ``~``)."""
+    overrides = {}
+    for override in job.get("override_list") or job["overrides"].split():
+        key, _, value = override.partition("=")
+        overrides[key.lstrip("+")] = value if not key.startswith("~") else "~"
+    return overrides
+
+
+def _joined(overrides: dict[str, str]) -> str:
+    return " ".join(f"{key}={value}" for key, value in overrides.items()) or "-"
+
+
+def split_overrides(jobs: list[dict[str, str]]) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """(the overrides every job shares, each job's overrides that vary across the jobs); a key some jobs lack
+    varies, with ``-`` where it is missing."""
+    keys = list(dict.fromkeys(key for job in jobs for key in job))
+    varying = [key for key in keys if len({job.get(key) for job in jobs}) > 1]
+    common = {key: jobs[0][key] for key in keys if key not in varying}
+    return common, [{key: job.get(key, "-") for key in varying} for job in jobs]
+
+
+def results_table(jobs: list[dict[str, Any]]) -> list[str]:
+    """One line per finished job: family, objective, the overrides that vary across the sweep (a column each),
+    parameters, losses, perplexity, bits-per-byte, seconds."""
+    if not jobs:
         return []
 
     def fmt(value: Any, spec: str) -> str:
         return format(value, spec) if isinstance(value, (int, float)) else "-"
 
-    header = f"  {'family':<18} {'objective':<16} {'params':>10} {'loss@0':>7} {'val loss':>8} {'ppl':>8} {'bpb':>6} {'seconds':>7}"
+    varying = [job.get("varying", {}) for job in jobs]
+    shown = ("model", "objective")  # the family and objective columns already tell these apart
+    keys = list(dict.fromkeys(key for values in varying for key in values if key not in shown))
+    widths = {key: max(len(key), *(len(str(values.get(key, "-"))) for values in varying)) for key in keys}
+    varying_header = "".join(f" {key:>{widths[key]}}" for key in keys)
+    header = (f"  {'family':<18} {'objective':<16}{varying_header} {'params':>10} {'loss@0':>7} {'val loss':>8} "
+              f"{'ppl':>8} {'bpb':>6} {'seconds':>7}")
     lines = ["", header]
-    for r in rows:
-        lines.append(f"  {r['family'] or '-':<18} {r['objective'] or '-':<16} {fmt(r['params'], ',d'):>10} "
+    for job, values in zip(jobs, varying):
+        r = job["result"]
+        cells = "".join(f" {values.get(key, '-')!s:>{widths[key]}}" for key in keys)
+        lines.append(f"  {r['family'] or '-':<18} {r['objective'] or '-':<16}{cells} {fmt(r['params'], ',d'):>10} "
                      f"{fmt(r['initial_loss'], '.3f'):>7} {fmt(r['val_loss'], '.4f'):>8} {fmt(r['perplexity'], '.3f'):>8} "
                      f"{fmt(r['bpb'], '.3f'):>6} {fmt(r['seconds'], '.1f'):>7}")
     return lines

@@ -9,7 +9,8 @@ trackers, Trainer, fit, final validation, tracker summary, run record and end-of
         return job.finish(record, banner, final=final, summary={...})
 
 Leaving the ``with`` block by any exception closes the trackers as failed (W&B ``exit_code=1``): in a
-multirun the next job then starts its own W&B run instead of logging into this one.
+multirun the next job then starts its own W&B run instead of logging into this one. TensorBoard and MLflow get
+the hyper-parameters with dotted names and, at the finish, the final metrics beside them (``tracking/loggers.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from typing import Any, Self
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from lm_lightning.config.app import instantiate_group, plain, run_identity
+from lm_lightning.tracking.loggers import log_final, params_for, viewer_lines
 from lm_lightning.tracking.records import write_run_record
 
 log = logging.getLogger("lm_lightning")
@@ -49,7 +52,7 @@ class Job:
     def __enter__(self) -> Self:
         try:
             for logger in self.loggers:
-                logger.log_hyperparams(self.hyperparameters)
+                logger.log_hyperparams(params_for(logger, self.hyperparameters))
         except BaseException:
             self.abort()
             raise
@@ -114,9 +117,15 @@ class Job:
         """Closes the trackers as finished, writes ``run.json`` and prints the banner (on the main process).
 
         The W&B summary gets ``final/<metric>`` for each of ``final`` and the ``summary`` items as they are;
-        ``images`` (PNG paths, None skipped) are logged to W&B; ``record`` gets ``wandb_dir`` with W&B on."""
+        ``images`` (PNG paths, None skipped) are logged to W&B; ``record`` gets ``wandb_dir`` with W&B on.
+        TensorBoard and MLflow get ``final/<metric>`` at the last step (TensorBoard: with the hyper-parameters,
+        for its HParams tab; MLflow: with the summary's numbers and the images as artifacts)."""
         if not self.is_global_zero:
             return record
+        step = self.trainer.global_step if self.trainer is not None else 0
+        for logger in self.loggers:
+            log_final(logger, self.hyperparameters, final or {}, summary or {}, step, images or {})
+        banner = [*banner, *viewer_lines(self.loggers, self._tensorboard_logdir())]
         for logger in self.loggers:
             logger.finalize("success")
             if isinstance(logger, WandbLogger):
@@ -131,6 +140,11 @@ class Job:
         write_run_record(self.record_path, record)
         print("\n".join(["", RULE, *banner, RULE]), flush=True)
         return record
+
+    def _tensorboard_logdir(self) -> Path:
+        """The folder whose runs TensorBoard should show side by side: the sweep's in a multirun, else the run's."""
+        hc = HydraConfig.get()
+        return Path(hc.sweep.dir).resolve() if hc.mode == RunMode.MULTIRUN else self.output_dir
 
     def abort(self) -> None:
         """Closes the trackers as failed; never raises (the job's own error is the one to see)."""

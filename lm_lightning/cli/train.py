@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from lm_lightning.errors import UserError
 from lm_lightning.models.capabilities import family_of
 from lm_lightning.config.checks import check_train_config
 from lm_lightning.data.datamodule import LMDataModule
@@ -26,6 +28,7 @@ from lm_lightning.parallel.setup import build_strategy, check_precision, micro_b
 from lm_lightning.config.app import hydra_command, instantiate_group, plain, run_identity, set_threads
 from lm_lightning.training.loading import resolve_checkpoint
 from lm_lightning.tasks.language_model import LanguageModelTask
+from lm_lightning.tracking.provenance import now
 from lm_lightning.tracking.records import plot_loss_curves
 from lm_lightning.tracking.sweep import sweep_row
 from lm_lightning.tracking.training_record import banner_lines, tracker_summary, training_record
@@ -42,6 +45,7 @@ def train(cfg: DictConfig, task_class: Callable[..., LanguageModelTask] = Langua
     """Runs one training job; returns the run record (also written to ``<run>/run.json``).
     ``task_class`` builds the LightningModule from LanguageModelTask's arguments (distillation adds a teacher);
     ``extend`` adds a command's own fields to the record and returns the banner lines it prints after train's."""
+    started = now()  # the run record's start time
     start = start_from_checkpoint(cfg) if cfg.get("init_from") else None
     check_train_config(cfg)
     set_threads(cfg.get("num_threads"))
@@ -94,11 +98,12 @@ def train(cfg: DictConfig, task_class: Callable[..., LanguageModelTask] = Langua
         except SIGTERMException:
             # Lightning finished the batch in flight; the last-checkpoint callback saved last.ckpt
             stopped_by_signal = True
-        save_last(trainer, checkpoint_dir / "last.ckpt")
+        if not trainer.fast_dev_run:  # Lightning's fast dev run saves nothing (debug=fdr)
+            save_last(trainer, checkpoint_dir / "last.ckpt")
 
         final = {} if stopped_by_signal else job.final_validation(
             task, reuse=task.last_val_step == trainer.global_step, datamodule=datamodule)
-        record = training_record(cfg, job, task, corpus, tokenizer.vocab_size, family_of(cfg.model), final)
+        record = training_record(cfg, job, task, corpus, tokenizer.vocab_size, family_of(cfg.model), final, started)
         record["status"] = "stopped by signal" if stopped_by_signal else "finished"
         record["seconds"] = round(job.seconds(), 1)
         if not job.is_global_zero:
@@ -124,9 +129,18 @@ def _sample(cfg: DictConfig, task: LanguageModelTask, tokenizer) -> str | None:
 
 
 @hydra_command("train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | dict[str, Any]:
+    """The sweep table's row; with ``optimized_metric`` set (``hparams_search=``), that final metric as a float,
+    the objective a sweeper such as Optuna minimises (the table's row then comes from the job's run.json)."""
     record = train(cfg)
-    return sweep_row(record)
+    if not (metric := cfg.get("optimized_metric")):
+        return sweep_row(record)
+    final = record["final"]
+    if not final:  # stopped by a signal before the final validation: a failed trial for the sweeper
+        return math.nan
+    if metric not in final:
+        raise UserError(f"optimized_metric={metric} is not a final metric of this run; choose one of {sorted(final)}")
+    return float(final[metric])
 
 
 if __name__ == "__main__":

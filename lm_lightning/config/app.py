@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lm_lightning.errors import IncompatiblePair, UserError
 from lm_lightning.tracking.sweep import JobFailure, JobSkipped
+from lm_lightning.tracking.sweep_resume import run_job
 
 log = logging.getLogger("lm_lightning")
 
@@ -48,7 +49,9 @@ def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], C
     """Turns ``fn(cfg)`` into a Hydra app over ``conf/<config_name>.yaml``.
 
     A :class:`UserError` ends the command with one line ``error: <message>`` and exit status 2,
-    not a traceback; in a multirun the failing job is reported and the sweep goes on.
+    not a traceback; in a multirun the failing job is reported and the sweep goes on;
+    re-run with ``resume_sweep=true`` a multirun skips its finished jobs and resumes the interrupted ones
+    (lm_lightning/tracking/sweep_resume.py).
     """
 
     def decorate(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
@@ -60,7 +63,8 @@ def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], C
 
                 if problem := missing_values_problem(cfg, config_name):
                     raise UserError(problem)
-                return fn(cfg)
+                # a sweep job keeps what it returns, so a re-run with resume_sweep=true can skip or resume it
+                return run_job(fn, cfg, config_name, multirun)
             except Exception as err:
                 if user_error := _user_error(err):
                     print(f"error: {user_error}", file=sys.stderr, flush=True)

@@ -45,6 +45,8 @@ def test_every_group_option_composes_into_its_command(group, option):
         cfg = compose(config_name=command, overrides=overrides)
     if group == "experiment":  # experiments are global overlays, not a node
         assert cfg.experiment_name == option
+    elif group in ("hparams_search", "debug"):  # global overlays of trainer, sweeper and path settings
+        assert cfg.get(group, None) is None and cfg.command == command
     else:
         assert cfg[group] is not None
     # everything but run-time values (Hydra's output folder, the tracker's run name) resolves

@@ -150,7 +150,8 @@ def test_module_entry_points_and_the_console_script_are_the_same_app(tmp_path):
     console = subprocess.run([str(script), "train", "experiment=sst2_head"], cwd=tmp_path, capture_output=True,
                              text=True, timeout=120)
     assert console.returncode == 2
-    assert console.stderr.strip().splitlines() == ["error: experiment=sst2_head is for lm-lightning finetune, not train"]
+    assert console.stderr.strip().splitlines() == [
+        "error: experiment=sst2_head is for lm-lightning finetune: run lm-lightning finetune experiment=sst2_head"]
 
 
 def test_evaluate_and_generate_refuse_a_checkpoint_that_fails_its_checksum(trained_run, tmp_path):

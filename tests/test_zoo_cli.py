@@ -115,19 +115,20 @@ def test_every_other_experiment_runs_one_batch_through_its_own_command(name, tmp
         assert record["steps"] == 1
 
 
-@pytest.mark.parametrize("command, experiments, refused", [
-    ("train", "sst2_head", "experiment=sst2_head is for lm-lightning finetune, not train"),
-    ("finetune", "sst2_head,dpo", "experiment=dpo is for lm-lightning align, not finetune"),  # every job of a sweep
-    ("align", "tiny", "experiment=tiny is for lm-lightning train, not align"),
-    ("score", "quant_ptq", "experiment=quant_ptq is for lm-lightning quantize, not score"),
+@pytest.mark.parametrize("command, experiments, refused, owner", [
+    ("train", "sst2_head", "sst2_head", "finetune"),
+    ("finetune", "sst2_head,dpo", "dpo", "align"),  # every job of a sweep
+    ("align", "tiny", "tiny", "train"),
+    ("score", "quant_ptq", "quant_ptq", "quantize"),
 ])
 def test_an_experiment_of_another_command_is_refused_in_one_line_before_anything_runs(tmp_path, command, experiments,
-                                                                                    refused):
+                                                                                    refused, owner):
     proc = run_in_process(command, *(["-m"] if "," in experiments else []), f"experiment={experiments}",
                           "ckpt_path=model.ckpt", f"paths.log_dir={tmp_path / 'logs'}", cwd=tmp_path,
                           cache=tmp_path / "cache", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: {refused}"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: experiment={refused} is for lm-lightning {owner}: run lm-lightning {owner} experiment={refused}"]
     assert not (tmp_path / "logs").exists()
 
 
@@ -138,7 +139,7 @@ def test_commands_built_on_trains_config_share_its_experiments():
     assert check_overrides("scaling_plan", ["experiment=gutenberg_small"]) is None
     assert check_overrides("train", ["experiment=distill"]) is None
     assert check_overrides("distill", ["experiment=sst2_lora", "teacher_ckpt=teacher.ckpt"]) == (
-        "experiment=sst2_lora is for lm-lightning finetune, not distill")
+        "experiment=sst2_lora is for lm-lightning finetune: run lm-lightning finetune experiment=sst2_lora")
 
 
 def test_grid_sweep_trains_the_valid_pairs_skips_the_rest_and_prints_one_table(tmp_path, corpus_cache):

@@ -90,13 +90,16 @@ def missing_values_problem(cfg: DictConfig, config_name: str) -> str | None:
 def _parse(config_name: str, args: list[str]) -> tuple[str | None, list[str]]:
     """(a problem found without composing, or None; the overrides to compose with, sweeps at their first value)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
     from hydra.errors import OverrideParseException
 
     overrides, experiments = [], []
     parser = OverridesParser.create()
-    for arg in args:
+    for i, arg in enumerate(args):
         if arg.startswith("-") or "=" not in arg or arg.startswith("hydra"):
             continue  # flags (-m, --cfg job) and Hydra's own settings are Hydra's to check
+        if i and args[i - 1] in ("-sc", "--shell-completion"):
+            continue  # install=bash, query=bash: a shell-completion request, not a config key
         try:
             override = parser.parse_override(arg)
         except OverrideParseException as err:
@@ -105,20 +108,22 @@ def _parse(config_name: str, args: list[str]) -> tuple[str | None, list[str]]:
             experiments += (list(override.sweep_string_iterator()) if override.is_sweep_override()
                             else [override.get_value_element_as_str()])
         if override.is_sweep_override():
+            if override.value_type == ValueType.INTERVAL_SWEEP:
+                continue  # interval(a,b): the sweeper (Optuna) draws the values; nothing to enumerate here
             arg = f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
         overrides.append(arg)
     return _experiment_of_another_command(config_name, experiments) or _torchrun_without_run_dir(args), overrides
 
 
 def _experiment_of_another_command(config_name: str, experiments: list[str]) -> str | None:
-    """``experiment=sst2_head is for lm-lightning finetune, not train``: each experiment names its command
-    (its ``command`` key). Commands built on another's config (distill and scaling plan on train's) share
-    their experiments; an experiment file that does not exist is left to composition to report."""
+    """``experiment=sst2_head is for lm-lightning finetune: run lm-lightning finetune experiment=sst2_head``: each
+    experiment names its command (its ``command`` key). Commands built on another's config (distill and scaling
+    plan on train's) share their experiments; an experiment file that does not exist is left to composition."""
     for name in experiments:
         path = Path(CONF_DIR) / "experiment" / f"{name}.yaml"
         command = OmegaConf.load(path).get("command") if path.is_file() else None
         if command and _base_config(command.replace(" ", "_")) != _base_config(config_name):
-            return f"experiment={name} is for lm-lightning {command}, not {config_name.replace('_', ' ')}"
+            return f"experiment={name} is for lm-lightning {command}: run lm-lightning {command} experiment={name}"
     return None
 
 

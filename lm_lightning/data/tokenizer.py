@@ -47,7 +47,7 @@ def train_tokenizer(docs: Iterable[str], cfg: Mapping, model_prefix: Path) -> Pa
     whose vocabulary is every character seen), ``byte_fallback``, ``character_coverage``,
     ``special_tokens``, ``max_sentence_length`` (bytes per line; longer lines are skipped in
     training), ``input_sentence_size`` (lines sampled for training; 0 = all), ``seed``,
-    ``num_threads``, ``verbose`` (sentencepiece's own log). Any type: ``model_file``, an existing
+    ``num_threads``, ``verbose`` (sentencepiece's own log; off by default). Any type: ``model_file``, an existing
     tokenizer (a ``.model`` or a ``tokenizer.json``) copied instead of training one.
     """
     model_prefix = Path(model_prefix)
@@ -84,7 +84,9 @@ def train_tokenizer(docs: Iterable[str], cfg: Mapping, model_prefix: Path) -> Pa
         allow_whitespace_only_pieces=True,  # runs of indentation become single pieces
         pad_id=_META_PIECES["<pad>"], unk_id=_META_PIECES["<unk>"],
         bos_id=_META_PIECES["<s>"], eos_id=_META_PIECES["</s>"],
-        minloglevel=0 if cfg.get("verbose", True) else 2,
+        # sentencepiece's C++ trainer logs dozens of lines of internals straight to the stderr file descriptor
+        # (past Python's sys.stderr): errors only unless tokenizer.verbose=true asks for them
+        minloglevel=0 if cfg.get("verbose", False) else 2,
     )
     if kind == "char":
         # Every character seen becomes a piece; vocab_size is only an upper bound here.

@@ -96,14 +96,12 @@ def save_policy_checkpoint(policy: nn.Module, pretrained_ckpt: str | Path, out: 
     """The trained policy as a checkpoint of the pre-trained model's kind (its config and tokenizer,
     the new weights), so ``lm-lightning generate|evaluate ckpt_path=<out>`` read it like any other."""
     from lm_lightning.parallel.checkpoint import as_file
+    from lm_lightning.training.checkpoint_io import load_checkpoint_file, save_checkpoint_file
 
-    checkpoint = torch.load(as_file(pretrained_ckpt), map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint_file(as_file(pretrained_ckpt), name=pretrained_ckpt)
     state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
     state.update({f"model.{k}": v.detach().cpu() for k, v in policy.state_dict().items()})
     checkpoint["state_dict"] = state
     for key in ("optimizer_states", "lr_schedulers", "loops", "callbacks"):  # a model, not a run to resume
         checkpoint.pop(key, None)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
-    return out
+    return save_checkpoint_file(checkpoint, out)  # sealed: its SHA-256 inside, and a sidecar

@@ -94,8 +94,12 @@ def load_reward_model(ckpt_path: str | Path, policy_tokenizer=None, policy_path:
     path = Path(ckpt_path)
     if not path.is_file():
         raise UserError(f"reward model checkpoint not found: {path} (train one with lm-lightning align method=reward_model)")
+    from lm_lightning.training.checkpoint_io import load_checkpoint_file
+
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint_file(path)
+    except UserError:
+        raise
     except Exception as err:  # a truncated or foreign file fails in many ways inside torch.load
         raise UserError(f"reward model checkpoint {path} could not be loaded ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict) or not checkpoint.get("reward_model"):

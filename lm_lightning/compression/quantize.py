@@ -293,12 +293,11 @@ def save_int8(path: str | Path, model: nn.Module, task_hparams: dict, tokenizer_
     tokenizer. :func:`load_int8` reads it back."""
     layers = {name: "dynamic" if m.activations else "weight" for name, m in model.named_modules()
               if isinstance(m, Int8Linear)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "model_config": dict(task_hparams["model"]),
-                "objective_config": dict(task_hparams["objective"]), "int8_layers": layers,
-                "state_dict": model.state_dict(), "tokenizer_model": tokenizer_model}, path)
-    return path
+    from lm_lightning.training.checkpoint_io import save_checkpoint_file
+
+    return save_checkpoint_file({"format": FORMAT, "model_config": dict(task_hparams["model"]),
+                                 "objective_config": dict(task_hparams["objective"]), "int8_layers": layers,
+                                 "state_dict": model.state_dict(), "tokenizer_model": tokenizer_model}, path)
 
 
 def load_int8(path: str | Path):
@@ -307,9 +306,12 @@ def load_int8(path: str | Path):
     and the tokenizer."""
     from lm_lightning.data.tokenizer import load_tokenizer
     from lm_lightning.tasks.language_model import LanguageModelTask
+    from lm_lightning.training.checkpoint_io import load_checkpoint_file
 
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = load_checkpoint_file(path)
+    except UserError:
+        raise
     except Exception as err:
         raise UserError(f"int8 model {path} could not be read ({type(err).__name__}: {err})") from err
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:

@@ -43,9 +43,11 @@ def consolidate_checkpoint(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not is_sharded(folder):
         raise UserError(f"{folder} is not a sharded checkpoint folder (no {METADATA} inside)")
+    from lm_lightning.training.checkpoint_io import load_checkpoint_file
+
+    checkpoint = load_checkpoint_file(folder / METADATA, name=folder)  # before the shards: refused before anything runs
     shards: dict[str, Any] = {}  # every rank's shards, gathered into full tensors in this one process
     _load_state_dict(shards, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    checkpoint = torch.load(folder / METADATA, weights_only=False)
     checkpoint["state_dict"] = shards.pop("state_dict")
     names = sorted((k for k in shards if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k.split("_")[1]))
     checkpoint["optimizer_states"] = [_by_index(shards[k]) for k in names]
@@ -76,7 +78,9 @@ def main() -> None:
     parser.add_argument("folder", help="the sharded checkpoint folder, e.g. <run>/checkpoints/last.ckpt")
     parser.add_argument("output", help="the single-file checkpoint to write")
     args = parser.parse_args()
-    torch.save(consolidate_checkpoint(args.folder), args.output)
+    from lm_lightning.training.checkpoint_io import save_checkpoint_file
+
+    save_checkpoint_file(consolidate_checkpoint(args.folder), args.output)
     print(f"wrote {args.output}")
 
 

@@ -8,6 +8,7 @@ purely data-parallel mesh over every process, so it runs on CPU (gloo) as well a
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import MethodType
 from typing import Any
 
@@ -34,8 +35,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.data_parallel_over_all_processes = kwargs.get("data_parallel_size", "auto") == "auto"
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        # meta.pt holds what a single-file checkpoint holds (RNG states, loops): trusted the same way
-        return super().load_checkpoint(checkpoint_path, weights_only=False if weights_only is None else weights_only)
+        # meta.pt holds what a single-file checkpoint holds (RNG states, loops): read as safely (weights_only)
+        from lm_lightning.training.checkpoint_io import load_checkpoint_file
+
+        if (Path(checkpoint_path) / "meta.pt").is_file():
+            load_checkpoint_file(Path(checkpoint_path) / "meta.pt", name=checkpoint_path)  # refuses code, before the shards
+        return super().load_checkpoint(checkpoint_path, weights_only=True)
 
     def setup_environment(self) -> None:
         if self.data_parallel_over_all_processes:  # known only now that the Trainer has set devices and nodes

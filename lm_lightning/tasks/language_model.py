@@ -211,7 +211,10 @@ class LanguageModelTask(L.LightningModule):
             checkpoint["carried_state"] = state  # the recurrent state each training lane reads on from
         # random states, so dropout masks and sampling continue as if the run had never stopped
         checkpoint["initial_loss"] = self.initial_loss
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+        # as tensors, ints and tuples only: weights_only=True loading refuses numpy's pickled arrays
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
                                     "python": random.getstate()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -221,7 +224,8 @@ class LanguageModelTask(L.LightningModule):
             self.carried.load_state_dict(state)
         if states := checkpoint.get("rng_states"):
             torch.set_rng_state(states["torch"])
-            np.random.set_state(states["numpy"])
+            kind, keys, pos, has_gauss, gauss = states["numpy"]
+            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
             random.setstate(states["python"])
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lm_lightning.parallel.checkpoint import METADATA, is_sharded
+from lm_lightning.training.checkpoint_io import load_checkpoint_file
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -19,7 +19,7 @@ def checkpoint_step(path: str | Path) -> int | None:
         path = path / METADATA
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step")
+    return load_checkpoint_file(path, mmap=True).get("global_step")
 
 
 def save_last(trainer: L.Trainer, path: Path) -> None:

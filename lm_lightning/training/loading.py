@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 from lm_lightning.errors import UserError
@@ -28,7 +29,7 @@ def load_trained(ckpt_path: str, device: str = "cpu"):
     """A trained LanguageModelTask and its tokenizer, from one checkpoint file."""
     from lm_lightning.data.tokenizer import load_tokenizer
     from lm_lightning.tasks.language_model import LanguageModelTask
-    from lm_lightning.training.checkpoint_io import verify_checkpoint
+    from lm_lightning.training.checkpoint_io import refuse_unsafe, verify_checkpoint
 
     path = Path(ckpt_path)
     if not path.exists():
@@ -38,11 +39,15 @@ def load_trained(ckpt_path: str, device: str = "cpu"):
 
         return load_int8(path)
     if path.is_file():
-        verify_checkpoint(path)  # a checkpoint with a sidecar must match it, as when training resumes
+        verify_checkpoint(path)  # its sidecar, or the SHA-256 sealed inside it, must match, as when training resumes
     try:
         from lm_lightning.parallel.checkpoint import as_file  # a sharded (fsdp2) folder is gathered in memory
 
-        task = LanguageModelTask.load_from_checkpoint(as_file(path), map_location=device, weights_only=False)
+        task = LanguageModelTask.load_from_checkpoint(as_file(path), map_location=device, weights_only=True)
+    except UserError:
+        raise
+    except pickle.UnpicklingError as err:  # weights_only refused a global: the file would run code
+        raise refuse_unsafe(path, err) from err
     except Exception as err:  # a truncated or foreign file fails in many ways inside torch.load
         raise UserError(f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); pass another ckpt_path") from err
     if task.tokenizer_model is None:

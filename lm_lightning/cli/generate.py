@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from lm_lightning.generation import generate_text
 from lm_lightning.config.app import hydra_command, set_threads
+from lm_lightning.generation import check_sampling_options, generate_text
 from lm_lightning.training.loading import load_trained
 
 
 def generate(cfg: DictConfig) -> list[str]:
+    check_sampling_options(cfg)  # before the checkpoint is read: a bad range costs no load
     set_threads(cfg.get("num_threads"))
     task, tokenizer = load_trained(cfg.ckpt_path)
     generator = torch.Generator().manual_seed(cfg.seed)

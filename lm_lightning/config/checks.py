@@ -5,20 +5,34 @@ Each problem is a :class:`UserError` naming the option, so a typo costs a second
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import fields
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lm_lightning.errors import UserError
-from lm_lightning.models.capabilities import check_blocks_for_sharding, check_compatible, model_class
+from lm_lightning.models.capabilities import (
+    check_blocks_for_sharding,
+    check_compatible,
+    model_class,
+)
 
 UNKNOWN_VOCABULARY = 2**31 - 1  # the tokenizer's vocabulary is known once the corpus is prepared: any size passes
 
 
 def check_train_config(cfg: DictConfig) -> None:
     """Types and ranges of the main options; raises on the first problem found."""
+    from lm_lightning.training.setup import check_init_from_fits, check_resume_fits
+
     model, data, trainer = cfg.model, cfg.data, cfg.trainer
+    if _given(cfg, "init_from"):  # first: the run takes the checkpoint's model, not the one composed
+        check_init_from_fits(cfg)
+    for group in ("trainer", "optimizer", "scheduler", "data"):
+        if isinstance(cfg.get(group), DictConfig) and "_target_" in cfg[group]:
+            check_option_types(cfg[group], group, _target_hints(cfg[group]._target_))
     check_model_options(model)
     check_compatible(model, cfg.objective)
     if cfg.strategy.get("parallelize"):
@@ -37,6 +51,12 @@ def check_train_config(cfg: DictConfig) -> None:
     if scheduler and "total_steps" in scheduler and scheduler.total_steps <= scheduler.get("warmup_steps", 0):
         raise UserError(f"scheduler.total_steps={scheduler.total_steps} must exceed "
                         f"scheduler.warmup_steps={scheduler.warmup_steps} (shorten the warmup for short runs)")
+    if isinstance(cfg.get("sample"), DictConfig):  # the sample at the end of the run: refused now, not after training
+        from lm_lightning.generation.sampling import check_sampling_options
+
+        check_sampling_options(cfg.sample, "sample.")
+    if _given(cfg, "ckpt_path"):
+        check_resume_fits(cfg)
     tokenizer = cfg.tokenizer
     dtype = data.corpus.get("token_dtype", "auto")
     if dtype == "uint16" and tokenizer.get("type") != "char" and tokenizer.get("vocab_size", 0) > 65536:
@@ -52,7 +72,60 @@ def check_model_options(model: DictConfig) -> None:
     if unknown := [key for key in options if key not in known]:
         raise UserError(f"model.{unknown[0]} is not an option of {config_class.__name__}: "
                         f"its options are {', '.join(known)}")
+    check_option_types(model, "model", _target_hints(f"{config_class.__module__}.{config_class.__qualname__}"))
     config_class(**{"vocab_size": UNKNOWN_VOCABULARY, **options})
+
+
+def check_option_types(node: DictConfig, prefix: str, hints: dict[str, object]) -> None:
+    """Each option whose annotation (in ``hints``) takes numbers but not text is a number: a typo such as
+    ``trainer.max_steps=abc`` is named here instead of failing as a comparison deep in the run."""
+    for key in node:
+        hint = hints.get(str(key))
+        if hint is None or OmegaConf.is_missing(node, key):
+            continue
+        allowed = _scalar_types(hint)
+        if str in allowed or not allowed & {int, float}:
+            continue
+        try:
+            value = node[key]
+        except OmegaConfBaseException:  # an interpolation that resolves only inside the run (the run folder)
+            value = None
+        if value is None or isinstance(value, (DictConfig, ListConfig)):
+            continue
+        wants_int = float not in allowed
+        if isinstance(value, bool) and bool in allowed:  # e.g. fast_dev_run: int | bool
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if wants_int else (int, float)):
+            raise UserError(f"{prefix}.{key} must be {'an integer' if wants_int else 'a number'}, got {value!r}")
+
+
+def _scalar_types(hint: object) -> set[type]:
+    """The plain types an annotation accepts (``int | None`` -> {int, NoneType}); containers count as themselves."""
+    args = typing.get_args(hint)
+    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_types(arg) for arg in args))
+    origin = typing.get_origin(hint)
+    return {origin or hint} if isinstance(origin or hint, type) else set()
+
+
+def _target_hints(target: str) -> dict[str, object]:
+    """The annotations of what a config node's ``_target_`` builds ({} when it cannot be imported or read)."""
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+        return typing.get_type_hints(obj.__init__ if isinstance(obj, type) else obj)
+    except (ImportError, AttributeError, NameError, TypeError):  # no annotations to read: building it reports the rest
+        return {}
+
+
+def _given(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` has a value; a value still to be given (``???``, ``${required:}``) is named by
+    :func:`~lm_lightning.config.overrides.missing_values_problem`, not here."""
+    try:
+        return bool(cfg.get(key))
+    except OmegaConfBaseException:
+        return False
 
 
 def _positive_int(node: DictConfig, name: str) -> None:

@@ -148,11 +148,11 @@ def _jsonl_records(source: Mapping) -> Iterator[str]:
                 except UnicodeDecodeError as e:
                     problem = f"{path} line {number} is not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
                     if not skip:
-                        raise UserError(f"{problem}: convert the file to UTF-8 or set data.corpus.source.skip_bad_records=true") from None
+                        raise UserError(f"{problem}: convert the file to UTF-8 or set ++data.corpus.source.skip_bad_records=true") from None
                     log.warning("skipped: %s", problem)
                 except UserError as e:
                     if not skip:
-                        raise UserError(f"{e}: fix or remove that line, or set data.corpus.source.skip_bad_records=true") from None
+                        raise UserError(f"{e}: fix or remove that line, or set ++data.corpus.source.skip_bad_records=true") from None
                     log.warning("skipped: %s", e)
 
 

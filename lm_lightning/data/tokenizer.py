@@ -95,7 +95,7 @@ def train_tokenizer(docs: Iterable[str], cfg: Mapping, model_prefix: Path) -> Pa
         options.update(hard_vocab_limit=False)  # the most frequent words, up to vocab_size
     spm.set_random_generator_seed(int(cfg.get("seed", 0)))
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=_training_lines(docs), **options)
+        spm.SentencePieceTrainer.train(sentence_iterator=_training_lines(docs, options["max_sentence_length"]), **options)
     except RuntimeError as e:
         message = str(e).split("] ", 1)[-1].strip() or "no training text"
         raise UserError(f"tokenizer training failed: {message} (check tokenizer.vocab_size, "
@@ -147,10 +147,19 @@ def _hf_module(name: str) -> ModuleType:
                         "need Hugging Face tokenizers: pip install -e \".[hf]\"") from None
 
 
-def _training_lines(docs: Iterable[str]) -> Iterator[str]:
+def _training_lines(docs: Iterable[str], max_bytes: int = 16384) -> Iterator[str]:
+    """The documents' lines; a line over ``max_bytes`` UTF-8 bytes is cut in pieces that fit (on character
+    boundaries), since sentencepiece silently skips longer sentences (a text of long lines left it none)."""
     total = len(docs) if isinstance(docs, Sequence) else None
     for doc in tqdm(docs, total=total, desc="tokenizer: reading training documents", unit="doc"):
-        yield from (line for line in doc.split(NEWLINE) if line)
+        for line in doc.split(NEWLINE):
+            data = line.encode("utf-8")
+            while len(data) > max_bytes:
+                piece = data[:max_bytes].decode("utf-8", errors="ignore")  # drops a character cut in two
+                yield piece
+                data = data[len(piece.encode("utf-8")):]
+            if data:
+                yield data.decode("utf-8")
 
 
 class Tokenizer:

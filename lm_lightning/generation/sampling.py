@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -21,6 +23,27 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def check_sampling_options(options: dict, prefix: str = "") -> None:
+    """Ranges of the decoding options present in ``options`` (``prefix``: how the user names them, e.g.
+    ``sample.``); a value outside its range would otherwise decode silently or fail deep in torch."""
+    rules = {  # name: (kind, test, what the value must be)
+        "max_new_tokens": (int, lambda v: v >= 0, "a whole number >= 0"),
+        "num_samples": (int, lambda v: v >= 1, "a whole number >= 1"),
+        "beam_width": (int, lambda v: v >= 1, "a whole number >= 1"),
+        "top_k": (int, lambda v: v >= 0, "a whole number >= 0 (0 or null: all tokens)"),
+        "temperature": (float, lambda v: v >= 0, "a number >= 0 (0: greedy)"),
+        "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1] (null: off)"),
+        "length_penalty": (float, math.isfinite, "a finite number"),
+    }
+    for name, (kind, test, must) in rules.items():
+        if name not in options or options[name] is None:
+            continue
+        value = options[name]
+        typed = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+        if not typed or not test(value):
+            raise UserError(f"{prefix}{name}={value!r} is out of range: it must be {must}")
 
 
 @torch.inference_mode()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lm_lightning.config.app import plain
 from lm_lightning.errors import UserError
@@ -49,6 +49,85 @@ def start_from_checkpoint(cfg: DictConfig) -> Start:
         cfg.tokenizer = {"model_file": str(model_file)}
         cfg.model = {k: v for k, v in plain(pretrained.hparams.model).items() if k != "vocab_size"}
     return Start(str(cfg.init_from), pretrained.model.state_dict())
+
+
+def checkpoint_hparams(path: str | Path, option: str) -> dict[str, Any]:
+    """The hyper-parameters of a checkpoint written by ``lm-lightning train``, verified and read with
+    ``weights_only=True`` (no code in the file runs); ``option`` names where the path was given. A damaged,
+    foreign or unreadable file is refused in one line."""
+    from lm_lightning.training.checkpoint_io import load_checkpoint_file
+
+    try:  # verified first (sidecar or the SHA-256 sealed inside), then read with weights_only=True
+        checkpoint = load_checkpoint_file(path, f"{option}={path}")
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - not a zip or pickle, truncated: torch fails in many ways
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{option}={path} is not a checkpoint this platform can read safely "
+                        f"({type(err).__name__}: {first}); pass a .ckpt written by lm-lightning train") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint or not isinstance(hparams.get("model"), dict):
+        raise UserError(f"{option}={path} is not a Lightning checkpoint written by lm-lightning train "
+                        "(no state_dict or model hyper-parameters); pass a .ckpt from a run's checkpoints/ folder")
+    return hparams
+
+
+def model_differences(saved: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """``key: checkpoint value != run value`` for each model option that differs (the family first; the vocabulary
+    size, known only once the corpus is read, is left out)."""
+    ignored = {"vocab_size"}
+    if saved.get("family") != run.get("family"):
+        return [f"family: {saved.get('family')} != {run.get('family')}"]
+    keys = [k for k in dict.fromkeys([*saved, *run]) if k not in ignored]
+    return [f"{k}: {saved.get(k)!r} != {run.get(k)!r}" for k in keys if saved.get(k) != run.get(k)]
+
+
+def check_resume_fits(cfg: DictConfig) -> None:
+    """``ckpt_path`` (a file) holds the model this run builds: the options that differ are named in one line,
+    before Lightning loads the weights into a model of another shape (a size-mismatch traceback). Skipped when
+    the ``scaling`` options choose the shape (known only later) and for a folder of shards (checked when loaded)."""
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        return
+    path = Path(str(ckpt_path)).expanduser()
+    if str(ckpt_path) == "last":
+        path = _run_folder(cfg) / "checkpoints" / "last.ckpt" if _run_folder(cfg) else Path("")
+    scaling = cfg.get("scaling") or {}
+    if not path.is_file() or scaling.get("compute_budget") or scaling.get("aspect_ratio"):
+        return
+    saved = checkpoint_hparams(path, "ckpt_path")["model"]
+    run = {k: v for k, v in plain(cfg.model).items() if not str(k).startswith("_") or k == "_target_"}
+    if differences := model_differences(saved, run):
+        raise UserError(f"ckpt_path={ckpt_path} holds another model than this run builds ({'; '.join(differences)} "
+                        "[checkpoint != run]): resume with the checkpoint's model options, or start from its "
+                        "weights with init_from= instead")
+
+
+def check_init_from_fits(cfg: DictConfig) -> None:
+    """``init_from`` (a file) is a checkpoint of lm-lightning train whose model family this run's objective can
+    train (the run takes its architecture): refused in one line before the run folder is made or the corpus read."""
+    from lm_lightning.models.capabilities import check_compatible
+
+    path = Path(str(cfg.init_from)).expanduser()
+    if not path.is_file():
+        return  # a missing file or a folder of shards: load_trained says so
+    saved = checkpoint_hparams(path, "init_from")["model"]
+    try:
+        check_compatible(saved, cfg.objective)
+    except UserError as err:
+        raise UserError(f"{err} (init_from={cfg.init_from} holds a {saved.get('family')} model, "
+                        "which the run continues)") from None
+
+
+def _run_folder(cfg: DictConfig) -> Path | None:
+    """The run folder: Hydra's output folder inside the run, ``hydra.run.dir`` before Hydra makes it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # HydraConfig not set yet: the callback before the run, or a config composed by hand
+        run_dir = OmegaConf.select(cfg, "hydra.run.dir", default=None, throw_on_resolution_failure=False)
+        return Path(run_dir) if run_dir else None
 
 
 def apply_scaling(cfg: DictConfig, model_cfg: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:

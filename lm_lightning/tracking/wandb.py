@@ -17,13 +17,29 @@ MODES = ("auto", "online", "offline", "disabled")
 
 
 def wandb_credentials_present() -> bool:
-    """True when an API key is configured: ``WANDB_API_KEY`` or a netrc entry for the W&B host.
+    """True when W&B would find credentials for its configured host, the way the installed wandb looks:
+    ``WANDB_API_KEY`` or ``WANDB_IDENTITY_TOKEN_FILE``, a netrc entry for the host of ``base_url`` (the
+    ``WANDB_BASE_URL`` variable, wandb's settings files, else wandb's default host), or a key in its settings.
 
-    Checked without calling W&B, so it never prompts and never touches the network.
+    Reads files only: never prompts and never touches the network.
     """
-    if os.environ.get("WANDB_API_KEY"):
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        from wandb.errors import AuthenticationError
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib.wbauth import read_netrc_auth
+    except ImportError:  # another wandb than the one this was written for: its old default host, by hand
+        return _netrc_has(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    try:
+        settings = wandb_setup.singleton().settings  # environment and settings files; starts no service
+        return bool(settings.api_key) or read_netrc_auth(host=settings.base_url) is not None
+    except (AuthenticationError, ValueError, OSError):  # a malformed key or setting: W&B would refuse it too
+        return False
+
+
+def _netrc_has(base_url: str) -> bool:
+    host = urlparse(base_url).hostname or base_url
     path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
         return path.is_file() and netrc.netrc(path).authenticators(host) is not None
@@ -31,13 +47,24 @@ def wandb_credentials_present() -> bool:
         return False
 
 
+def keep_offline(mode: str) -> None:
+    """An offline or disabled run connects to nothing: wandb 0.31 sends telemetry (OpenTelemetry metrics to
+    its base_url) and error reports unless the process's own mode says offline, whatever ``wandb.init`` is
+    given. The variables are inherited by the DDP ranks this process starts."""
+    if mode in ("offline", "disabled"):
+        os.environ["WANDB_MODE"] = mode
+        os.environ["WANDB_ERROR_REPORTING"] = "false"  # no Sentry/OpenTelemetry error reports
+
+
 def resolve_mode(mode: str) -> str:
-    """``auto`` → ``WANDB_MODE`` if set, else online with credentials, else offline."""
+    """``auto`` → ``WANDB_MODE`` if set, else online with credentials, else offline; offline and disabled
+    also set the process's W&B variables so that nothing connects (``keep_offline``)."""
     if mode not in MODES:
         raise ValueError(f"logger.wandb.mode={mode!r}: choose one of {', '.join(MODES)}")
-    if mode != "auto":
-        return mode
-    return os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_present() else "offline")
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_present() else "offline")
+    keep_offline(mode)  # every caller (the logger, prepare's report, the scaling plots) then stays off the network
+    return mode
 
 
 def wandb_logger(mode: str = "auto", save_dir: str = ".", **kwargs: Any) -> WandbLogger:

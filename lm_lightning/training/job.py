@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from lm_lightning.config.app import instantiate_group, plain, run_identity
 from lm_lightning.tracking.loggers import log_final, params_for, viewer_lines
 from lm_lightning.tracking.records import write_run_record
+from lm_lightning.training import run_lock
 
 log = logging.getLogger("lm_lightning")
 
@@ -43,8 +44,14 @@ class Job:
     def __init__(self, cfg: DictConfig, hyperparameters: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.output_dir = Path(HydraConfig.get().runtime.output_dir)
+        # before anything is written here (the W&B id file, checkpoints): a second job into this folder stops
+        self._locked = run_lock.acquire(self.output_dir)
         self.run_name, self.group = run_identity(cfg.experiment_name)
-        self.loggers: list = instantiate_group(cfg.get("logger"))
+        try:
+            self.loggers: list = instantiate_group(cfg.get("logger"))
+        except BaseException:
+            self._release()
+            raise
         self.hyperparameters = {"config": plain(cfg), **(hyperparameters or {})}
         self.trainer: L.Trainer | None = None
         self._fit_started: float | None = None
@@ -55,13 +62,22 @@ class Job:
                 logger.log_hyperparams(params_for(logger, self.hyperparameters))
         except BaseException:
             self.abort()
+            self._release()
             raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is not None:
-            self.abort()
+        try:
+            if exc_type is not None:
+                self.abort()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._locked:
+            run_lock.release(self.output_dir)
+            self._locked = False
 
     @property
     def record_path(self) -> Path:

@@ -77,6 +77,10 @@ def main() -> None:
     # W&B's, Lightning's and the launchers', just before the interpreter's teardown
     atexit.unregister(_collect_once_at_exit)
     atexit.register(_collect_once_at_exit)
+    if command != "compare":  # compare reads bare run folders itself (cli/compare.py hydra_arguments)
+        from lm_lightning.config.overrides import quote_values
+
+        args = quote_values(args)  # `ckpt_path=<job folder with = and ,>/last.ckpt`, `sample.prompt=Été`
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"lm-lightning {command}", *args]
     # Lightning's DDP/FSDP launcher re-runs `python -m <__main__.__spec__.name> <sys.argv[1:]>` for

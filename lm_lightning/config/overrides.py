@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -91,19 +92,21 @@ def _parse(config_name: str, args: list[str]) -> tuple[str | None, list[str]]:
     """(a problem found without composing, or None; the overrides to compose with, sweeps at their first value)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
-    from hydra.errors import OverrideParseException
+    from hydra.errors import HydraException
 
     overrides, experiments = [], []
     parser = OverridesParser.create()
     for i, arg in enumerate(args):
+        if not arg.strip() and not (i and args[i - 1] in VALUE_FLAGS):
+            return "an empty argument on the command line (an unset shell variable?): remove it", []
         if arg.startswith("-") or "=" not in arg or arg.startswith("hydra"):
             continue  # flags (-m, --cfg job) and Hydra's own settings are Hydra's to check
         if i and args[i - 1] in ("-sc", "--shell-completion"):
             continue  # install=bash, query=bash: a shell-completion request, not a config key
         try:
             override = parser.parse_override(arg)
-        except OverrideParseException as err:
-            return f"cannot parse override {arg!r}: {str(err).splitlines()[0]}", []
+        except HydraException as err:  # the lexer's errors (a non-ASCII character) are not OverrideParseException
+            return f"cannot parse override {arg!r}: {str(err).splitlines()[0]}{_how_to_quote(arg)}", []
         if override.key_or_group == "experiment":
             experiments += (list(override.sweep_string_iterator()) if override.is_sweep_override()
                             else [override.get_value_element_as_str()])
@@ -113,6 +116,53 @@ def _parse(config_name: str, args: list[str]) -> tuple[str | None, list[str]]:
             arg = f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
         overrides.append(arg)
     return _experiment_of_another_command(config_name, experiments) or _torchrun_without_run_dir(args), overrides
+
+
+# Hydra's flags whose next word is their value, not an override
+VALUE_FLAGS = ("-sc", "--shell-completion", "-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name",
+               "-c", "--cfg", "-p", "--package", "--info")
+
+
+def quote_values(args: list[str]) -> list[str]:
+    """The command line with the values Hydra's grammar cannot read unquoted put in quotes for it: an existing path
+    holding ``=`` or ``,`` (every multirun job folder's name does) and plain non-ASCII text (``sample.prompt=Été``).
+    Anything else stays as typed; a value that still does not parse is named by :func:`_parse` with the way to
+    quote it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+
+    def parsed(arg: str) -> tuple[bool, bool]:  # (parses, is a sweep)
+        try:
+            return True, parser.parse_override(arg).is_sweep_override()
+        except HydraException:
+            return False, False
+
+    quoted_args = []
+    for i, arg in enumerate(args):
+        key, _, value = arg.partition("=")
+        if (arg.startswith("-") or (i and args[i - 1] in VALUE_FLAGS) or not value
+                or not re.fullmatch(r"[+~]{0,2}[\w.@/:-]+", key) or value[0] in "'\"[{"):
+            quoted_args.append(arg)
+            continue
+        parses, sweep = parsed(arg)
+        plain_text = not value.isascii() and not any(c in value for c in ",[]{}()'\"\\")
+        if (not parses or sweep) and (os.path.exists(value) or (not parses and plain_text)):
+            quote = "'" if "'" not in value else '"'
+            candidate = f"{key}={quote}{value}{quote}"
+            if parsed(candidate) == (True, False):
+                arg = candidate
+        quoted_args.append(arg)
+    return quoted_args
+
+
+def _how_to_quote(arg: str) -> str:
+    """``; quote the value: 'ckpt_path="a=b"'``: Hydra's quotes inside the shell's."""
+    key, _, value = arg.partition("=")
+    if not value or "'" in value or '"' in value:
+        return ""
+    return f"; quote the value for Hydra inside the shell's quotes: '{key}=\"{value}\"'"
 
 
 def _experiment_of_another_command(config_name: str, experiments: list[str]) -> str | None:

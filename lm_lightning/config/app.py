@@ -85,7 +85,7 @@ def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], C
         def entry() -> Any:
             from lm_lightning.config.overrides import check_before_composing, composition_problem
 
-            problem = check_before_composing(config_name, sys.argv[1:])
+            problem = check_before_composing(config_name, sys.argv[1:]) or _launcher_problem(sys.argv[1:])
             if problem is None:
                 # Hydra raises instead of printing its many-line report, so a composition error becomes one line
                 # here and the config is composed once, by Hydra (not first by a check and then again)
@@ -101,6 +101,30 @@ def hydra_command(config_name: str) -> Callable[[Callable[[DictConfig], Any]], C
         return entry
 
     return decorate
+
+
+# the launcher configs of conf/hydra/launcher, and the Hydra plugin module each needs
+_LAUNCHER_PLUGINS = {"parallel": "hydra_plugins.hydra_joblib_launcher", "local": "hydra_plugins.hydra_submitit_launcher",
+                     "slurm": "hydra_plugins.hydra_submitit_launcher"}
+
+
+def _launcher_problem(args: list[str]) -> str | None:
+    """One line for a sweep whose launcher cannot start here: its plugin is not installed (Hydra's own report
+    is many lines), or hydra/launcher=slurm where no SLURM command exists (submitit fails inside the sweep)."""
+    if not {"-m", "--multirun"} & set(args):
+        return None  # without -m no launcher runs
+    launcher = next((a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")), None)
+    if launcher not in _LAUNCHER_PLUGINS:
+        return None
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec(_LAUNCHER_PLUGINS[launcher]) is None:
+        return f'hydra/launcher={launcher} needs its Hydra plugin, which is not installed: pip install -e ".[launchers]"'
+    if launcher == "slurm" and shutil.which("sbatch") is None:
+        return ("hydra/launcher=slurm but SLURM's sbatch is not on PATH: submit from a SLURM login node, or sweep on "
+                "this machine with hydra/launcher=local (or parallel)")
+    return None
 
 
 def _user_error(err: BaseException) -> UserError | None:

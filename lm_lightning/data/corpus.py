@@ -46,13 +46,24 @@ from tqdm import tqdm
 
 from lm_lightning.data.cleaning import clean_documents
 from lm_lightning.data.corpus_split import SPLITS, check_split_cfg, split_assigner
-from lm_lightning.data.corpus_staging import SplitWriter, Staging
+from lm_lightning.data.corpus_staging import (
+    OWNER_FILE,
+    SplitWriter,
+    Staging,
+    remove_dead_builds,
+    write_owner,
+)
 from lm_lightning.data.dedup import DedupConfig, MinHasher, exact_hash
+from lm_lightning.data.hashing import file_sha256
 from lm_lightning.data.parallel import batched, ordered_map
 from lm_lightning.data.prepared_corpus import PreparedCorpus
 from lm_lightning.data.report import REPORT_FILE, build_report
 from lm_lightning.data.sources import describe_source, iter_documents, plain_config
-from lm_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from lm_lightning.data.tokenizer import (
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
 from lm_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -86,14 +97,20 @@ def prepare_corpus(data_cfg: Mapping, tokenizer_cfg: Mapping, cache_dir: str | P
     cache_dir = Path(cache_dir).expanduser()
     entry = cache_dir / f"{data_cfg.get('name', 'corpus')}-{key[:12]}"
     if (entry / "metadata.json").is_file() and not force:
-        log.info("reusing cached corpus at %s", entry)
-        return _load(entry)
+        if (problem := _entry_problem(entry)) is None:
+            log.info("reusing cached corpus at %s", entry)
+            return _load(entry)
+        # a damaged entry (cut short, edited) is rebuilt: _publish moves it aside once the new one is ready
+        log.warning("cached corpus %s is damaged (%s): preparing it again", entry, problem)
 
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_builds(cache_dir)
     build = cache_dir / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     build.mkdir()
+    write_owner(build)
     try:
         _build(build, source, cleaning, dedup, split_cfg, tokenizer_cfg, {**fingerprint, "key": key}, num_proc)
+        (build / OWNER_FILE).unlink()
         _publish(build, entry)
     finally:
         shutil.rmtree(build, ignore_errors=True)  # gone already if published
@@ -249,6 +266,26 @@ def _token_dtype(choice: str, vocab_size: int) -> type:
     return np.uint32 if choice == "uint32" or not fits else np.uint16
 
 
+def _entry_problem(entry: Path) -> str | None:
+    """Why a finished entry cannot be used (unreadable metadata.json, a tokenizer file that is missing or
+    not the one its SHA-256 names), or None. Token files are checked by ``PreparedCorpus.tokens``."""
+    try:
+        metadata = json.loads((entry / "metadata.json").read_text())
+        tokenizer = metadata["tokenizer"]
+        path, expected = entry / tokenizer["file"], tokenizer.get("sha256")
+        metadata["splits"], metadata["dtype"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"metadata.json unreadable: {type(err).__name__}: {err}"
+    if not path.is_file():
+        return f"{path.name} is missing"
+    # the tokenizer's own hash (tokenizer.py hashes the file's bytes) against the one recorded at build time
+    if expected and file_sha256(path) != expected:
+        return f"{path.name} does not match the SHA-256 in metadata.json"
+    return None
+
+
 def _load(entry: Path) -> PreparedCorpus:
+    if problem := _entry_problem(entry):
+        raise UserError(f"cached corpus {entry} is damaged ({problem}): rm -rf {entry} and prepare again")
     metadata = json.loads((entry / "metadata.json").read_text())
     return PreparedCorpus(entry, entry / metadata["tokenizer"]["file"], metadata)

@@ -7,12 +7,51 @@ split's token ids to ``<split>.bin`` (with its document index and SHA-256) as to
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from lm_lightning.data.dedup import DedupConfig, exact_duplicates, near_duplicates
+
+log = logging.getLogger(__name__)
+
+OWNER_FILE = "owner.json"  # in a build folder (.tmp-<entry>-<pid>-<rand>): the machine and process building it
+
+
+def write_owner(build: Path) -> None:
+    (build / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+
+
+def remove_dead_builds(cache_dir: Path) -> None:
+    """Removes the build folders that killed ``prepare`` processes left in ``cache_dir``: only those written on
+    this machine whose process is gone. A live one, one from another machine (a shared cache) or one whose owner
+    cannot be told is left alone."""
+    for folder in cache_dir.glob(".tmp-*"):
+        try:
+            owner = json.loads((folder / OWNER_FILE).read_text())
+            host, pid = owner["host"], int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # just created (no owner file yet), or not ours
+        if host != socket.gethostname() or _alive(pid):
+            continue
+        log.info("removing %s, left by prepare process %d, which is gone", folder, pid)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class Staging:

@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from lm_lightning.errors import UserError
+
 MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -63,6 +65,10 @@ def resolve_mode(mode: str) -> str:
         raise ValueError(f"logger.wandb.mode={mode!r}: choose one of {', '.join(MODES)}")
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_present() else "offline")
+    if mode == "online" and not wandb_credentials_present():
+        # wandb would prompt for a key (or fail deep inside the logger's setup): say what to do instead
+        raise UserError("logger.wandb.mode=online but no W&B key was found: run `wandb login` (or set WANDB_API_KEY), "
+                        "or use logger.wandb.mode=offline")
     keep_offline(mode)  # every caller (the logger, prepare's report, the scaling plots) then stays off the network
     return mode
 

@@ -11,6 +11,7 @@ import importlib
 import io
 import logging
 import os
+import time
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -174,3 +175,12 @@ def command_of_experiment(name: str) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.load(REPO / "lm_lightning" / "conf" / "experiment" / f"{name}.yaml").command
+
+
+def wait_for_file(path: Path, proc, timeout: float = 120) -> None:
+    """Waits until ``path`` exists while the process ``proc`` (a Popen with stderr piped) still runs."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the process ended before {path} appeared:\n{proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import run_in_process
 from lm_lightning.adaptation.classification import ClassificationTask, SequenceClassifier
 from lm_lightning.errors import UserError
+from lm_lightning.training.checkpoint_io import load_checkpoint_file
 from test_zoo import build, model_config
 
 V = 40
@@ -67,7 +68,7 @@ def test_finetune_command_trains_a_head_and_reports_dev_accuracy(tmp_path, tiny_
     record = json.loads((ft_dir / "run.json").read_text())
     assert record["steps"] == 12 and 0.0 <= record["final"]["val/accuracy"] <= 1.0
     assert record["parameters"]["trainable"] == record["parameters"]["total"]
-    finetuned = torch.load(ft_dir / "checkpoints" / "finetuned.ckpt", map_location="cpu", weights_only=False)
+    finetuned = load_checkpoint_file(ft_dir / "checkpoints" / "finetuned.ckpt")
     assert finetuned["hyper_parameters"]["model"]["dropout"] == 0.1  # backbone_dropout replaced the checkpoint's 0.0
     assert finetuned["hyper_parameters"]["lm_weight"] == 0.5
     assert any("StartedEMA" in key for key in finetuned["callbacks"])

@@ -79,7 +79,7 @@ def fit(module: L.LightningModule, tmp_path, ckpt_path=None, callbacks=(), **tra
                "enable_checkpointing": False, "accelerator": "cpu", "default_root_dir": tmp_path}
     trainer = L.Trainer(callbacks=list(callbacks), **{**options, **trainer_kwargs})
     trainer.fit(module, DataLoader(WINDOWS, batch_size=4), DataLoader(WINDOWS, batch_size=4), ckpt_path=ckpt_path,
-                weights_only=False)  # the task's checkpoints hold its random states
+                weights_only=True)  # checkpoints are plain data (the random states as tensors)
     return trainer
 
 

@@ -12,26 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, run_in_process, start_cli, step_losses
+from helpers import run_cli, run_in_process, start_cli, step_losses, wait_for_file
 
 from lm_lightning.errors import UserError
 from lm_lightning.tracking.records import read_metrics_csv
 from lm_lightning.training import checkpoint_io
-from lm_lightning.training.checkpoint_io import checksum_ok, verify_checkpoint, write_checkpoint_file
+from lm_lightning.training.checkpoint_io import checksum_ok, load_checkpoint_file, verify_checkpoint, write_checkpoint_file
+from lm_lightning.training.last_checkpoint import checkpoint_step
 
 TINY = ["experiment=tiny", "trainer.log_every_n_steps=1", "sample.max_new_tokens=0", "trainer.val_check_interval=1000"]
 
 
-def _wait_for(path: Path, proc, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"run ended early:\n{proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
-def _checkpoint_step(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
 
 def _wandb_ids(run_dir: Path) -> set[str]:
@@ -47,12 +38,12 @@ def test_sigkill_between_checkpoints_then_resume_matches_an_uninterrupted_run(tm
     run_in_process("train", *common, f"hydra.run.dir={reference}", cwd=tmp_path, cache=cache)
 
     proc = start_cli("train", *common, f"hydra.run.dir={killed}", cwd=tmp_path, cache=cache)
-    _wait_for(killed / "checkpoints" / "last.ckpt.sha256", proc)
+    wait_for_file(killed / "checkpoints" / "last.ckpt.sha256", proc)
     time.sleep(random.uniform(0.05, 0.5))  # somewhere after the first checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    resumed_from = _checkpoint_step(killed / "checkpoints" / "last.ckpt")
+    resumed_from = checkpoint_step(killed / "checkpoints" / "last.ckpt")
     ids_before = _wandb_ids(killed)
 
     run_cli("train", *common, f"hydra.run.dir={killed}", "ckpt_path=last", cwd=tmp_path, cache=cache)
@@ -105,7 +96,7 @@ def test_resume_after_an_interrupted_checkpoint_write(tmp_path, corpus_cache):
     (run / "checkpoints" / "last.ckpt.tmp").write_bytes(last.read_bytes()[:1000])
     run_in_process("train", *common, "trainer.max_steps=40", f"hydra.run.dir={run}", "ckpt_path=last", cwd=tmp_path,
                    cache=cache)
-    assert _checkpoint_step(last) == 40
+    assert checkpoint_step(last) == 40
 
 
 @pytest.mark.slow
@@ -113,14 +104,14 @@ def test_sigterm_checkpoints_and_exits_zero_within_30_seconds(tmp_path, corpus_c
     run = tmp_path / "run"
     proc = start_cli("train", *TINY, "trainer.max_steps=100000", "callbacks.last_checkpoint.every_n_train_steps=20",
                      f"hydra.run.dir={run}", cwd=tmp_path, cache=corpus_cache)
-    _wait_for(run / "checkpoints" / "last.ckpt.sha256", proc)
+    wait_for_file(run / "checkpoints" / "last.ckpt.sha256", proc)
     time.sleep(0.3)
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert time.time() - sent < 30
     assert proc.returncode == 0, err[-3000:]
-    step = _checkpoint_step(run / "checkpoints" / "last.ckpt")
+    step = checkpoint_step(run / "checkpoints" / "last.ckpt")
     assert step % 20 != 0 or step > 20, "last.ckpt was written at the signal, not only at the periodic save"
     assert checksum_ok(run / "checkpoints" / "last.ckpt")
     assert f"stopped by signal at step {step}" in out
@@ -137,7 +128,7 @@ def test_a_nan_batch_is_skipped_and_counted_or_stops_with_the_state_saved(tmp_pa
         assert proc.returncode == 0, proc.stderr[-3000:]
         record = json.loads((run / "run.json").read_text())
         assert record["steps"] == 12
-        weights = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        weights = load_checkpoint_file(run / "checkpoints" / "last.ckpt")["state_dict"]
         assert all(torch.isfinite(w).all() for w in weights.values())
         counts = dict(read_metrics_csv(run / "csv/version_0/metrics.csv")["train/skipped_steps"])
         assert counts[4] == 0 and counts[5] == 1 and counts[11] == 1, "the step-5 update skipped, and counted once"
@@ -145,7 +136,7 @@ def test_a_nan_batch_is_skipped_and_counted_or_stops_with_the_state_saved(tmp_pa
         assert proc.returncode == 2
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "non-finite loss or gradient at step 5" in errors[0]
-        saved = torch.load(run / "checkpoints" / "nonfinite-step5.ckpt", weights_only=False)
+        saved = load_checkpoint_file(run / "checkpoints" / "nonfinite-step5.ckpt")
         assert saved["global_step"] == 5
         assert all(torch.isfinite(w).all() for w in saved["state_dict"].values())
 

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import run_in_process, start_cli, step_losses
+from helpers import run_in_process, start_cli, step_losses, wait_for_file
 
 from lm_lightning.tracking.records import read_metrics_csv
 from lm_lightning.tracking.sweep_resume import earlier_result
+from lm_lightning.training.last_checkpoint import checkpoint_step
 
 # three jobs by length: job 2 (index 1) is long enough to be killed between its checkpoints
 COMMON = ["experiment=tiny", "trainer.log_every_n_steps=1", "trainer.val_check_interval=1000", "sample.max_new_tokens=0",
@@ -21,12 +21,6 @@ COMMON = ["experiment=tiny", "trainer.log_every_n_steps=1", "trainer.val_check_i
 LENGTHS = (10, 100, 10)
 
 
-def _wait_for(path: Path, proc, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"the sweep ended before {path} appeared:\n{proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
 
 
 def _dirname(overrides: list[str]) -> str:
@@ -46,11 +40,11 @@ def test_a_killed_sweep_resumed_skips_finished_jobs_and_continues_the_interrupte
                             for n, steps in enumerate(LENGTHS))
 
     proc = start_cli("train", *args, cwd=tmp_path, cache=cache)
-    _wait_for(second / "checkpoints" / "last.ckpt.sha256", proc)
+    wait_for_file(second / "checkpoints" / "last.ckpt.sha256", proc, timeout=180)
     time.sleep(0.1)  # between two checkpoints
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed_from = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    resumed_from = checkpoint_step(second / "checkpoints" / "last.ckpt")
     assert 0 < resumed_from < LENGTHS[1] and not (second / "run.json").exists(), "killed during job 2"
     assert not third.exists()
     record_before, record_mtime = (first / "run.json").read_bytes(), (first / "run.json").stat().st_mtime_ns

@@ -3,6 +3,7 @@ from, the shape and length the ``scaling`` options choose, and the objective's t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from pathlib import Path
@@ -54,11 +55,19 @@ def start_from_checkpoint(cfg: DictConfig) -> Start:
 def checkpoint_hparams(path: str | Path, option: str) -> dict[str, Any]:
     """The hyper-parameters of a checkpoint written by ``lm-lightning train``, verified and read with
     ``weights_only=True`` (no code in the file runs); ``option`` names where the path was given. A damaged,
-    foreign or unreadable file is refused in one line."""
+    foreign or unreadable file is refused in one line. The config checks run before the run folder is made and
+    again inside the command: the same unchanged file is verified and read once per process."""
+    stat = Path(path).stat()
+    return _checkpoint_hparams(str(path), Path(path).resolve(), stat.st_mtime_ns, stat.st_size, option)
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_hparams(path: str, resolved: Path, mtime_ns: int, size: int, option: str) -> dict[str, Any]:
     from lm_lightning.training.checkpoint_io import load_checkpoint_file
 
-    try:  # verified first (sidecar or the SHA-256 sealed inside), then read with weights_only=True
-        checkpoint = load_checkpoint_file(path, f"{option}={path}")
+    try:  # verified first (sidecar or the SHA-256 sealed inside), then read with weights_only=True; the tensors
+        # are memory-mapped, not read: only the hyper-parameters are wanted
+        checkpoint = load_checkpoint_file(path, f"{option}={path}", mmap=True)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - not a zip or pickle, truncated: torch fails in many ways

@@ -12,6 +12,8 @@ import pytest
 import torch
 from helpers import run_in_process
 
+pytestmark = pytest.mark.bad_input  # every test here: a user's mistake ends in one error line
+
 
 def _hashes(*folders: Path) -> dict[str, str]:
     """Every file under ``folders`` by its content's SHA-256 (what a refused command must leave as it was). Skips
@@ -47,11 +49,20 @@ def _refused(*args: str, cwd: Path, cache: Path, unchanged: tuple[Path, ...] = (
     ("model.dropout=none", "model.dropout must be a number, got 'none'"),
     ("sample.temperature=-1", "sample.temperature=-1 is out of range"),
     ("sample.top_p=1.5", "sample.top_p=1.5 is out of range"),
+    ("logger.wandb.mode=bogus", "logger.wandb.mode=bogus is not a W&B mode: choose one of auto, online, offline"),
 ])
 def test_a_numeric_option_of_the_wrong_type_is_named_before_the_run_folder(tmp_path, corpus_cache, override, message):
     run = tmp_path / "run"
     _refused("train", "experiment=tiny", override, f"hydra.run.dir={run}", cwd=tmp_path, cache=corpus_cache,
              unchanged=(corpus_cache,), says=message)
+    assert not run.exists()
+
+
+def test_wandb_online_without_a_key_is_named_before_the_run_folder(tmp_path, corpus_cache, monkeypatch):
+    monkeypatch.setattr("lm_lightning.tracking.wandb.wandb_credentials_present", lambda: False)
+    run = tmp_path / "run"
+    _refused("train", "experiment=tiny", "logger.wandb.mode=online", f"hydra.run.dir={run}", cwd=tmp_path,
+             cache=corpus_cache, unchanged=(corpus_cache,), says="no W&B key was found: run `wandb login`")
     assert not run.exists()
 
 

@@ -64,6 +64,7 @@ def _assert_refused(result, marker: Path, ckpt: Path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("command", COMMANDS)
 def test_crafted_checkpoint_is_refused_before_it_runs(command, tmp_path, corpus_cache):
     marker = tmp_path / "pwned"
@@ -74,6 +75,7 @@ def test_crafted_checkpoint_is_refused_before_it_runs(command, tmp_path, corpus_
                                    check=False), marker, ckpt)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("kind", ["int8_pt", "sharded_folder"])
 def test_crafted_int8_file_and_sharded_folder_are_refused(kind, tmp_path, corpus_cache):
     marker = tmp_path / "pwned"
@@ -95,6 +97,7 @@ def test_real_checkpoint_loads_with_weights_only(tiny_checkpoint):
     assert checkpoint["rng_states"]["numpy"][1].numel() == 624  # MT19937's key
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("where", ["start", "pickle", "tensor_data", "end"])
 def test_flipped_byte_without_sidecar_is_refused(where, tiny_checkpoint, tmp_path):
     ckpt = tmp_path / "last.ckpt"
@@ -109,6 +112,7 @@ def test_flipped_byte_without_sidecar_is_refused(where, tiny_checkpoint, tmp_pat
         load_checkpoint_file(ckpt)
 
 
+@pytest.mark.bad_input
 def test_flipped_byte_is_refused_by_the_commands(tiny_checkpoint, tmp_path, corpus_cache):
     ckpt = tmp_path / "copy.ckpt"
     data = bytearray(tiny_checkpoint.read_bytes())

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from helpers import run_in_process
 from test_bad_inputs import _refused
 
 from lm_lightning.config.overrides import _parse, quote_values
+
+pytestmark = pytest.mark.bad_input  # every test here: a user's mistake ends in one error line
 
 
 def test_a_job_folder_path_and_non_ascii_text_pass_unquoted(tmp_path, corpus_cache, tiny_checkpoint):

@@ -96,6 +96,7 @@ def test_sort_and_filter_choose_and_order_the_rows(lr_sweep, tmp_path, corpus_ca
     assert len((tmp_path / "compare.csv").read_text().splitlines()) == 1 + 2
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/nowhere"], "compare: {tmp}/nowhere does not exist"),
     (["{tmp}"], "compare: no run.json in {tmp}: name run folders"),

@@ -30,6 +30,7 @@ def _entries(cache):
     return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("bad, message", [
     (b'{"text": "unterminated', r"line 3 is not valid JSON"),
     (b'{"body": "no text field here"}', r"line 3 has no text field 'text'"),

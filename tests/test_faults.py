@@ -22,6 +22,8 @@ DATA = {"name": "faults", "source": {"kind": "text", "path": str(SHARED_DATA / "
         "split": {"val_fraction": 0.1, "seed": 0}}
 TOKENIZER = {"type": "char", "verbose": False}
 
+pytestmark = pytest.mark.bad_input  # every test here: a user's mistake ends in one error line
+
 
 def _damage_tokenizer(entry):
     path = entry / json.loads((entry / "metadata.json").read_text())["tokenizer"]["file"]

@@ -5,6 +5,7 @@ import json
 import math
 import re
 
+import pytest
 from helpers import run_in_process
 from omegaconf import OmegaConf
 
@@ -35,6 +36,7 @@ def test_optuna_lr_search_finds_the_best_run_of_its_trials(tmp_path, corpus_cach
     assert last.startswith(f"search best: optimizer.lr={lrs[best]}  val/loss {losses[best]:.4f}"), last
 
 
+@pytest.mark.bad_input
 def test_an_unknown_optimized_metric_is_named(tmp_path, corpus_cache):
     proc = run_in_process("train", "experiment=tiny", "+optimized_metric=val/accuracy", "trainer.max_steps=6",
                           "logger=csv", "sample.max_new_tokens=0", cwd=tmp_path, cache=corpus_cache, check=False)

@@ -3,6 +3,7 @@ offline W&B run; bad input ends with one ``error:`` line and exit status 2."""
 
 import json
 
+import pytest
 from helpers import SHARED_DATA, run_in_process
 
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
@@ -28,6 +29,7 @@ def test_prepare_prints_saves_and_logs_the_report(tmp_path):
     assert f"W&B run: {run}" in done.stdout
 
 
+@pytest.mark.bad_input
 def test_prepare_bad_option_is_one_error_line(tmp_path):
     done = _prepare(tmp_path, "wandb_mode=disabled", "+data.corpus.dedup.treshold=0.5")
     assert done.returncode == 2

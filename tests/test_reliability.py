@@ -118,6 +118,29 @@ def test_sigterm_checkpoints_and_exits_zero_within_30_seconds(tmp_path, corpus_c
     assert json.loads((run / "run.json").read_text())["status"] == "stopped by signal"
 
 
+@pytest.mark.bad_input
+@pytest.mark.slow
+def test_ctrl_c_saves_last_prints_the_resume_line_and_the_resume_continues(tmp_path, corpus_cache):
+    run = tmp_path / "run"
+    common = [*TINY, "scheduler.total_steps=100000", "callbacks.last_checkpoint.every_n_train_steps=20",
+              f"hydra.run.dir={run}"]
+    proc = start_cli("train", *common, "trainer.max_steps=100000", cwd=tmp_path, cache=corpus_cache)
+    wait_for_file(run / "checkpoints" / "last.ckpt.sha256", proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err, err[-3000:]
+    step = checkpoint_step(run / "checkpoints" / "last.ckpt")
+    assert checksum_ok(run / "checkpoints" / "last.ckpt")
+    hint = f"stopped by signal at step {step}: resume with the same command plus hydra.run.dir={run} ckpt_path=last"
+    assert hint in out, out[-3000:]
+    assert json.loads((run / "run.json").read_text())["status"] == "stopped by signal"
+    run_in_process("train", *common, f"trainer.max_steps={step + 3}", "ckpt_path=last", cwd=tmp_path,
+                   cache=corpus_cache)  # the hint's command, with a nearer end
+    assert checkpoint_step(run / "checkpoints" / "last.ckpt") == step + 3
+
+
 @pytest.mark.parametrize("mode", ["skip", "stop"])
 def test_a_nan_batch_is_skipped_and_counted_or_stops_with_the_state_saved(tmp_path, corpus_cache, mode):
     run = tmp_path / "run"
@@ -152,6 +175,7 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused_naming_it_and_the_previous_
         verify_checkpoint(path)
 
 
+@pytest.mark.bad_input
 def test_resuming_from_a_corrupted_checkpoint_is_one_error_line(tmp_path, corpus_cache):
     cache, run = corpus_cache, tmp_path / "run"
     run_in_process("train", *TINY, "trainer.max_steps=10", f"hydra.run.dir={run}", cwd=tmp_path, cache=cache)
@@ -166,6 +190,7 @@ def test_resuming_from_a_corrupted_checkpoint_is_one_error_line(tmp_path, corpus
     assert len(errors) == 1 and str(last) in errors[0] and "SHA-256" in errors[0]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -207,6 +232,7 @@ def test_same_seed_gives_identical_losses_in_deterministic_mode(tmp_path, corpus
     assert len(runs[0]) == 50 and runs[0] == runs[1]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("damage", ["truncate", "edit"])
 def test_a_damaged_token_file_is_refused_naming_the_file(tmp_path, corpus_cache, damage):
     import shutil

@@ -37,6 +37,7 @@ def test_lock_is_exclusive_and_released(tmp_path, monkeypatch):
     run_lock.release(tmp_path)
 
 
+@pytest.mark.bad_input
 @pytest.mark.slow
 def test_second_train_into_a_folder_in_use_exits_2(tmp_path, corpus_cache):
     run = tmp_path / "run"
@@ -50,11 +51,13 @@ def test_second_train_into_a_folder_in_use_exits_2(tmp_path, corpus_cache):
             time.sleep(0.2)
         wandb_id = (run / "wandb_run_id").read_text()
         holder = json.loads((run / ".lock").read_text())
+        hydra_files = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
 
         # the first is paused while the second runs, so the two surely overlap; a stopped process keeps its lock
         first.send_signal(signal.SIGSTOP)
         try:
-            second = run_cli(*args, "trainer.max_steps=30", cwd=tmp_path, cache=corpus_cache, check=False)
+            second = run_cli(*args, "trainer.max_steps=30", "optimizer.lr=0.002", cwd=tmp_path, cache=corpus_cache,
+                             check=False)
         finally:
             first.send_signal(signal.SIGCONT)
         assert second.returncode == 2
@@ -65,6 +68,8 @@ def test_second_train_into_a_folder_in_use_exits_2(tmp_path, corpus_cache):
                     f"(hydra.run.dir=...)")
         assert errors == [expected], second.stderr
         assert holder["pid"] == first.pid
+        # refused before Hydra wrote its config: the first run's composed config and overrides are as they were
+        assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == hydra_files
         _, err = first.communicate(timeout=600)
     finally:
         if first.poll() is None:

@@ -165,6 +165,7 @@ def test_precision_options_build_on_cpu_or_fail_clearly(monkeypatch, option):
     assert trainer.precision == cfg.precision.trainer_precision
 
 
+@pytest.mark.bad_input
 def test_gpu_precision_on_cpu_is_a_one_line_cli_error(tmp_path):
     proc = run_in_process("train", "experiment=tiny", "logger=csv", "precision=fp16_mixed", "trainer.accelerator=cpu",
                           f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, cache=tmp_path / "cache", check=False)

@@ -138,6 +138,7 @@ def test_a_run_stopped_mid_epoch_and_at_an_epoch_end_resumes_with_the_uninterrup
     assert math.isfinite(record["final"]["val/word_perplexity"])
 
 
+@pytest.mark.bad_input
 def test_a_transformer_asked_for_streams_is_refused_in_one_line(tmp_path, corpus_cache):
     proc = run_in_process("train", "experiment=tiny", "logger=csv", "data.sampling=streams", "trainer.max_steps=10",
                           "data.corpus.source.max_bytes=4000", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,

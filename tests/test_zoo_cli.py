@@ -115,6 +115,7 @@ def test_every_other_experiment_runs_one_batch_through_its_own_command(name, tmp
         assert record["steps"] == 1
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("command, experiments, refused, owner", [
     ("train", "sst2_head", "sst2_head", "finetune"),
     ("finetune", "sst2_head,dpo", "dpo", "align"),  # every job of a sweep
@@ -172,6 +173,7 @@ def test_the_readme_grid_trains_every_valid_pair_and_skips_the_rest(tmp_path, co
     assert "  family " in proc.stdout
 
 
+@pytest.mark.bad_input
 def test_an_incompatible_pair_is_refused_when_composed_naming_the_valid_objectives(tmp_path):
     proc = run_in_process("train", "model=t5", "objective=mlm", f"paths.log_dir={tmp_path / 'logs'}", cwd=tmp_path,
                           cache=tmp_path / "cache", check=False)

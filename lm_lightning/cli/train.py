@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,12 +93,19 @@ def train(cfg: DictConfig, task_class: Callable[..., LanguageModelTask] = Langua
     with Job(cfg, hyperparameters) as job:
         trainer = job.build_trainer(callbacks=instantiate_group(cfg.callbacks), strategy=strategy,
                                     plugins=[AtomicCheckpointIO()])
-        stopped_by_signal = False
+        stopped_by_signal = interrupted = False
         try:
             job.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:
             # Lightning finished the batch in flight; the last-checkpoint callback saved last.ckpt
             stopped_by_signal = True
+        except SystemExit:
+            if not trainer.interrupted:
+                raise
+            # Ctrl-C: Lightning shut down gracefully (the callbacks saved their state) and then exits 1 without a
+            # word; save last.ckpt and print the resume line as for SIGTERM, then stop the command (and a sweep)
+            stopped_by_signal = interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning left Ctrl-C ignored
         if not trainer.fast_dev_run:  # Lightning's fast dev run saves nothing (debug=fdr)
             save_last(trainer, checkpoint_dir / "last.ckpt")
 
@@ -114,7 +122,10 @@ def train(cfg: DictConfig, task_class: Callable[..., LanguageModelTask] = Langua
         record["loss_plot"] = str(plot) if plot else None
         extra_lines = extend(record) if extend else []
         banner = [*banner_lines(record), *([RULE, *extra_lines] if extra_lines else [])]
-        return job.finish(record, banner, final=final, summary=tracker_summary(record), images={"loss_curves": plot})
+        outcome = job.finish(record, banner, final=final, summary=tracker_summary(record), images={"loss_curves": plot})
+    if interrupted:
+        raise SystemExit(130)  # the shell's status for Ctrl-C: a sweep stops here instead of starting its next job
+    return outcome
 
 
 def _sample(cfg: DictConfig, task: LanguageModelTask, tokenizer) -> str | None:

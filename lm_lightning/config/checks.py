@@ -51,6 +51,7 @@ def check_train_config(cfg: DictConfig) -> None:
     if scheduler and "total_steps" in scheduler and scheduler.total_steps <= scheduler.get("warmup_steps", 0):
         raise UserError(f"scheduler.total_steps={scheduler.total_steps} must exceed "
                         f"scheduler.warmup_steps={scheduler.warmup_steps} (shorten the warmup for short runs)")
+    check_logger_modes(cfg.get("logger"))
     if isinstance(cfg.get("sample"), DictConfig):  # the sample at the end of the run: refused now, not after training
         from lm_lightning.generation.sampling import check_sampling_options
 
@@ -62,6 +63,15 @@ def check_train_config(cfg: DictConfig) -> None:
     if dtype == "uint16" and tokenizer.get("type") != "char" and tokenizer.get("vocab_size", 0) > 65536:
         raise UserError(f"tokenizer.vocab_size={tokenizer.vocab_size} does not fit data.corpus.token_dtype=uint16 "
                         "(ids up to 65535): use token_dtype=uint32 or auto, or a smaller vocabulary")
+
+
+def check_logger_modes(loggers: DictConfig | None) -> None:
+    """A W&B logger's mode is one W&B knows (and online has a key): named now, before the run folder exists."""
+    from lm_lightning.tracking.wandb import check_mode
+
+    for node in (loggers or {}).values():
+        if isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("tracking.wandb.wandb_logger"):
+            check_mode(node.get("mode", "auto"))
 
 
 def check_model_options(model: DictConfig) -> None:
@@ -151,6 +161,29 @@ class RefuseBeforeRunning(Callback):
                 check_train_config(config)
             except UserError as err:
                 problem = str(err)
+        if problem is None:
+            problem = _lock_existing_run_folder(config)
         if problem:
             print(f"error: {problem}", file=sys.stderr, flush=True)
             sys.exit(2)
+
+
+def _lock_existing_run_folder(config: DictConfig) -> str | None:
+    """Takes the lock of a run folder that exists already (a resume, or a second run into a folder in use) before
+    Hydra writes its ``.hydra/config.yaml`` there; the job keeps the lock (:mod:`lm_lightning.training.run_lock`).
+    A new folder is locked by the job itself: nothing in it to protect before then."""
+    from pathlib import Path
+
+    from lm_lightning.training import run_lock
+
+    try:
+        folder = OmegaConf.select(config, "hydra.run.dir")
+    except OmegaConfBaseException:
+        return None
+    if not folder or not Path(folder).is_dir():
+        return None
+    try:
+        run_lock.acquire(folder)
+    except UserError as err:
+        return str(err)
+    return None

@@ -58,17 +58,23 @@ def keep_offline(mode: str) -> None:
         os.environ["WANDB_ERROR_REPORTING"] = "false"  # no Sentry/OpenTelemetry error reports
 
 
-def resolve_mode(mode: str) -> str:
-    """``auto`` → ``WANDB_MODE`` if set, else online with credentials, else offline; offline and disabled
-    also set the process's W&B variables so that nothing connects (``keep_offline``)."""
+def check_mode(mode: str) -> None:
+    """A mode W&B knows, and for ``online`` a key to log in with (no side effects: composition checks call it)."""
     if mode not in MODES:
-        raise ValueError(f"logger.wandb.mode={mode!r}: choose one of {', '.join(MODES)}")
-    if mode == "auto":
-        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_present() else "offline")
+        raise UserError(f"logger.wandb.mode={mode} is not a W&B mode: choose one of {', '.join(MODES)}")
     if mode == "online" and not wandb_credentials_present():
         # wandb would prompt for a key (or fail deep inside the logger's setup): say what to do instead
         raise UserError("logger.wandb.mode=online but no W&B key was found: run `wandb login` (or set WANDB_API_KEY), "
                         "or use logger.wandb.mode=offline")
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto`` → ``WANDB_MODE`` if set, else online with credentials, else offline; offline and disabled
+    also set the process's W&B variables so that nothing connects (``keep_offline``)."""
+    check_mode(mode)
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_present() else "offline")
+        check_mode(mode)
     keep_offline(mode)  # every caller (the logger, prepare's report, the scaling plots) then stays off the network
     return mode
 

@@ -35,6 +35,11 @@ def test_lock_is_exclusive_and_released(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     assert run_lock.acquire(tmp_path)  # released: the next job takes it
     run_lock.release(tmp_path)
+    # taken ahead of its job (before Hydra writes the folder's config): the job then owns it and releases it
+    assert not run_lock.acquire(tmp_path, for_job=True)
+    assert run_lock.acquire(tmp_path) and not run_lock.acquire(tmp_path)
+    run_lock.release(tmp_path)
+    assert tmp_path.resolve() not in run_lock._held
 
 
 @pytest.mark.bad_input

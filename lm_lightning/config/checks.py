@@ -183,7 +183,7 @@ def _lock_existing_run_folder(config: DictConfig) -> str | None:
     if not folder or not Path(folder).is_dir():
         return None
     try:
-        run_lock.acquire(folder)
+        run_lock.acquire(folder, for_job=True)
     except UserError as err:
         return str(err)
     return None

@@ -24,6 +24,7 @@ LOCK_NAME = ".lock"
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
 _held: dict[Path, int] = {}  # folder -> file descriptor of the locks this process holds
+_unowned: set[Path] = set()  # held for a job not started yet (taken before Hydra writes the folder's config)
 
 
 def is_main_process() -> bool:
@@ -31,10 +32,14 @@ def is_main_process() -> bool:
     return all(os.environ.get(name, "0") in ("", "0") for name in RANK_VARIABLES)
 
 
-def acquire(run_dir: str | Path) -> bool:
-    """Takes ``<run_dir>/.lock`` for this process; True when this call took it (False: held already by this
-    process, or not the main process). Raises UserError naming the holder when another process holds it."""
+def acquire(run_dir: str | Path, for_job: bool = False) -> bool:
+    """Takes ``<run_dir>/.lock`` for this process; True when the caller now owns it and must release it (False:
+    held already by this process, or not the main process). Raises UserError naming the holder when another
+    process holds it. With ``for_job`` the lock is taken ahead of the job, which then owns it when it acquires."""
     folder = Path(run_dir).resolve()
+    if folder in _unowned and not for_job:
+        _unowned.discard(folder)
+        return True
     if folder in _held or not is_main_process():
         return False
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,11 +60,15 @@ def acquire(run_dir: str | Path) -> bool:
     os.ftruncate(fd, 0)
     os.write(fd, (json.dumps(holder) + "\n").encode())
     _held[folder] = fd
+    if for_job:
+        _unowned.add(folder)
+        return False
     return True
 
 
 def release(run_dir: str | Path) -> None:
     """Lets go of the folder's lock if this process holds it (the file stays: removing it would race a waiter)."""
+    _unowned.discard(Path(run_dir).resolve())
     fd = _held.pop(Path(run_dir).resolve(), None)
     if fd is not None:
         fcntl.flock(fd, fcntl.LOCK_UN)

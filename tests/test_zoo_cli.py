@@ -118,6 +118,7 @@ def test_every_other_experiment_runs_one_batch_through_its_own_command(name, tmp
 @pytest.mark.bad_input
 @pytest.mark.parametrize("command, experiments, refused, owner", [
     ("train", "sst2_head", "sst2_head", "finetune"),
+    ("train", "dpo", "dpo", "align"),  # trained a plain GPT and ignored the method before
     ("finetune", "sst2_head,dpo", "dpo", "align"),  # every job of a sweep
     ("align", "tiny", "tiny", "train"),
     ("score", "quant_ptq", "quant_ptq", "quantize"),

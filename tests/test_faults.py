@@ -47,12 +47,12 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, damage, caplog):
 
 
 def test_damaged_entry_loaded_directly_is_one_line(tmp_path):
-    from lm_lightning.data.corpus import _load
+    from lm_lightning.data.corpus import open_prepared
 
     entry = prepare_corpus(DATA, TOKENIZER, tmp_path).directory
     _damage_tokenizer(entry)
     with pytest.raises(UserError, match=f"rm -rf {entry}"):
-        _load(entry)
+        open_prepared(entry)
 
 
 def test_dead_build_folders_removed_live_ones_kept(tmp_path):

@@ -99,7 +99,7 @@ def prepare_corpus(data_cfg: Mapping, tokenizer_cfg: Mapping, cache_dir: str | P
     if (entry / "metadata.json").is_file() and not force:
         if (problem := _entry_problem(entry)) is None:
             log.info("reusing cached corpus at %s", entry)
-            return _load(entry)
+            return open_prepared(entry)
         # a damaged entry (cut short, edited) is rebuilt: _publish moves it aside once the new one is ready
         log.warning("cached corpus %s is damaged (%s): preparing it again", entry, problem)
 
@@ -115,7 +115,7 @@ def prepare_corpus(data_cfg: Mapping, tokenizer_cfg: Mapping, cache_dir: str | P
     finally:
         shutil.rmtree(build, ignore_errors=True)  # gone already if published
     log.info("prepared corpus at %s", entry)
-    return _load(entry)
+    return open_prepared(entry)
 
 
 # --- building -----------------------------------------------------------------------------
@@ -284,7 +284,8 @@ def _entry_problem(entry: Path) -> str | None:
     return None
 
 
-def _load(entry: Path) -> PreparedCorpus:
+def open_prepared(entry: Path) -> PreparedCorpus:
+    """A finished cache entry (a run.json's corpus_dir), its files checked against its metadata."""
     if problem := _entry_problem(entry):
         raise UserError(f"cached corpus {entry} is damaged ({problem}): rm -rf {entry} and prepare again")
     metadata = json.loads((entry / "metadata.json").read_text())

@@ -28,6 +28,8 @@ COMMANDS = {
     "import": ("lm_lightning.cli.import_hf", "a Hugging Face transformers folder (GPT-2, GPT-NeoX, Llama) as a checkpoint"),
     "estimate": ("lm_lightning.cli.estimate", "parameters, FLOPs/token and memory per device of a model config (conf/estimate.yaml)"),
     "scaling fit": ("lm_lightning.cli.scaling_fit", "scaling laws fitted from the run records of sweeps (conf/scaling_fit.yaml)"),
+    "scaling coordcheck": ("lm_lightning.cli.scaling_coordcheck", "μP coordinate check: activation scale per layer against "
+                           "width after a few steps (conf/scaling_coordcheck.yaml)"),
     "scaling plan": ("lm_lightning.cli.scaling_plan", "model shape and steps that spend a compute budget (conf/scaling_plan.yaml)"),
     "compare": ("lm_lightning.cli.compare", "runs side by side from their records: table, CSV, curves, HTML report "
                 "(conf/compare.yaml)"),

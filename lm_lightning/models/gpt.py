@@ -5,6 +5,7 @@ Names follow nanoGPT (n_layer, n_head, n_embd, c_attn, c_proj) so the two are ea
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from lm_lightning.models.layers import (
 from lm_lightning.models.options import require_block_options, require_choice, require_positive_ints
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5", "none")
+PARAMETRIZATIONS = ("standard", "mup")
 #: gpt reads left to right; a prefix LM also reads a prefix of each window bidirectionally
 FAMILIES = {"gpt": frozenset({Trait.CAUSAL}), "prefix_lm": frozenset({Trait.CAUSAL, Trait.PREFIX})}
 
@@ -58,12 +60,24 @@ class GPTConfig:
     moe_top_k: int = 2  # experts per token
     moe_aux_weight: float = 0.01  # weight of the load-balancing loss (read by the training task)
     family: str = "gpt"  # gpt (causal) | prefix_lm (bidirectional over a prefix, causal after it)
+    parametrization: str = "standard"  # standard | mup (maximal update parametrization, Yang et al. 2021)
+    mup_base_width: int = 128  # mup: the width n_embd at which mup is exactly standard; others scale from it
 
     def __post_init__(self) -> None:
         require_positive_ints(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
         require_block_options(self)
         require_choice(self, "position", POSITIONS)
         require_choice(self, "family", FAMILIES)
+        require_choice(self, "parametrization", PARAMETRIZATIONS)
+        require_positive_ints(self, "mup_base_width")
+        if self.parametrization == "mup" and self.tie_embeddings:
+            # μP gives the input table and the head different scalings; one shared matrix fits neither (measured:
+            # tied, the blocks' outputs after 3 steps shrink 3x from width 64 to 512 where untied ones stay flat)
+            raise UserError("model.parametrization=mup needs model.tie_embeddings=false: μP scales the token "
+                            "embedding and the output head differently, so they cannot share one matrix")
+        if self.parametrization == "mup" and self.mup_base_width % self.n_head:
+            raise UserError(f"model.n_head={self.n_head} does not divide model.mup_base_width={self.mup_base_width}: "
+                            "mup scales attention from the head size of the base width; choose one it divides")
         rotated = self.rotary_dims()
         if self.position == "rope" and not (0 < self.rope_fraction <= 1 and rotated >= 2 and rotated % 2 == 0):
             raise UserError(f"model.position=rope turns int(head size {self.n_embd // self.n_head} x model.rope_fraction="
@@ -75,6 +89,18 @@ class GPTConfig:
             require_positive_ints(self, "mlp_hidden")
         if self.parallel_residual and self.norm_position != "pre":
             raise UserError("model.parallel_residual=true needs model.norm_position=pre")
+
+    def width_multiplier(self) -> float:
+        """μP's m = n_embd / mup_base_width (1 under the standard parametrization)."""
+        return self.n_embd / self.mup_base_width if self.parametrization == "mup" else 1.0
+
+    def attention_scale(self) -> float | None:
+        """The attention-logit factor: None (1/sqrt(head size)) under standard; under mup 1/head size, times
+        sqrt(base head size) so it is standard's at the base width. q·k of aligned vectors (as training makes
+        them) grows like the head size, not its square root: 1/head size keeps the logits constant in width."""
+        if self.parametrization != "mup":
+            return None
+        return math.sqrt(self.mup_base_width // self.n_head) / (self.n_embd // self.n_head)
 
     def rotary_dims(self) -> int:
         """Features of each head that rope turns (GPT-NeoX's rule: int(head size · rope_fraction))."""
@@ -105,7 +131,8 @@ class GPT(LanguageModel):
         self.h = nn.ModuleList(
             Block(c.n_embd, c.n_head, c.mlp_ratio, c.activation, c.norm, c.norm_position, c.bias, c.dropout, rotary,
                   n_experts=c.n_experts, moe_top_k=c.moe_top_k, n_kv_head=c.n_kv_head,
-                  parallel_residual=c.parallel_residual, hidden=c.mlp_hidden, norm_eps=c.norm_eps)
+                  parallel_residual=c.parallel_residual, hidden=c.mlp_hidden, norm_eps=c.norm_eps,
+                  attn_scale=c.attention_scale())
             for _ in range(c.n_layer)
         )
         # post-norm blocks end in a norm already; pre-norm needs one before the head
@@ -115,14 +142,23 @@ class GPT(LanguageModel):
             # input and output embeddings share one matrix (Press & Wolf 2017): fewer parameters, better perplexity
             self.lm_head.weight = self.wte.weight
         init_normal(self, c.init_std)
-        scale_residual_projections(self, c.init_std, 2 * c.n_layer)  # two residual branches per block
+        # μP: hidden matrices (fan-in ∝ width) start with variance ∝ 1/fan-in, so each one's output keeps its
+        # scale as the width grows; embeddings and the head keep init_std (the head is scaled by 1/m in forward)
+        hidden_std = c.init_std / math.sqrt(c.width_multiplier())
+        if hidden_std != c.init_std:  # not at the base width, where mup is standard (and draws the same numbers)
+            init_normal(self.h, hidden_std)
+        scale_residual_projections(self, hidden_std, 2 * c.n_layer)  # two residual branches per block
+        # μP's output multiplier 1/m: the logits sum n_embd terms that training correlates with the head's
+        # rows, so they would grow like the width; with it the head's init and Adam learning rate stay constant
+        self.output_multiplier = 1.0 / c.width_multiplier()
 
     def forward(
         self, idx: torch.Tensor, caches: list[KVCache] | None = None, prefix_lengths: torch.Tensor | None = None
     ) -> torch.Tensor:
         """idx: (B, T) token ids; caches: one KVCache per layer when decoding incrementally;
         prefix_lengths (B,): a prefix LM's bidirectional prefix per sequence (tokens after it stay causal)."""
-        return self.lm_head(self.features(idx, caches, prefix_lengths))
+        logits = self.lm_head(self.features(idx, caches, prefix_lengths))
+        return logits if self.output_multiplier == 1.0 else logits * self.output_multiplier
 
     def features(
         self, idx: torch.Tensor, caches: list[KVCache] | None = None, prefix_lengths: torch.Tensor | None = None

@@ -250,14 +250,16 @@ class Attention(nn.Module):
     ``causal=True`` masks future positions. With a KV cache the new queries attend to every
     cached key plus the causal part of the new block. ``mask`` is a boolean "may attend" mask
     broadcastable to (B, n_head, T, keys) — prefix-LM and padding masks — and ``bias`` an additive
-    (n_head, T, keys) position bias that already holds the causal mask.
+    (n_head, T, keys) position bias that already holds the causal mask. ``scale``: the factor of the
+    attention logits q·k (None: 1/sqrt(head_dim); μP uses one proportional to 1/head_dim).
     """
 
     def __init__(
         self, dim: int, n_head: int, bias: bool, dropout: float, rotary: Rotary | None = None, cross: bool = False,
-        n_kv_head: int | None = None,
+        n_kv_head: int | None = None, scale: float | None = None,
     ) -> None:
         super().__init__()
+        self.scale = scale
         self.n_head = n_head
         self.n_kv_head = n_kv_head or n_head  # fewer: grouped-query attention, each key/value head serves a group
         self.head_dim = dim // n_head
@@ -314,7 +316,7 @@ class Attention(nn.Module):
         is_causal = causal and attn_mask is None and T > 1
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
+            enable_gqa=self.n_kv_head != self.n_head, scale=self.scale,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -370,7 +372,8 @@ class Block(nn.Module):
     feed-forward (dense, or Mixture-of-Experts when ``n_experts`` > 0), each with a residual,
     pre- or post-norm. ``parallel_residual`` (pre-norm only): attention and feed-forward both read the
     block's input, x + attn(ln_1(x)) + mlp(ln_2(x)), as GPT-J and GPT-NeoX do. ``hidden``: the
-    feed-forward width (None: from ``mlp_ratio``, see :func:`hidden_width`)."""
+    feed-forward width (None: from ``mlp_ratio``, see :func:`hidden_width`); ``attn_scale``: the self-attention's
+    logit factor (see :class:`Attention`)."""
 
     def __init__(
         self,
@@ -390,12 +393,13 @@ class Block(nn.Module):
         parallel_residual: bool = False,
         hidden: int | None = None,
         norm_eps: float | None = None,
+        attn_scale: float | None = None,
     ) -> None:
         super().__init__()
         self.pre_norm = norm_position == "pre"
         self.parallel_residual = parallel_residual
         self.ln_1 = build_norm(norm, dim, bias, norm_eps)
-        self.attn = Attention(dim, n_head, bias, dropout, rotary, n_kv_head=n_kv_head)
+        self.attn = Attention(dim, n_head, bias, dropout, rotary, n_kv_head=n_kv_head, scale=attn_scale)
         if cross_attention:
             self.ln_x = build_norm(norm, dim, bias, norm_eps)
             self.cross_attn = Attention(dim, n_head, bias, dropout, cross=True)

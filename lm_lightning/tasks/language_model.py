@@ -21,6 +21,7 @@ from lm_lightning.objectives.base import ObjectiveOutput
 from lm_lightning.parallel.cuda import optimizer_kwargs_for, use_tf32_on_cuda
 from lm_lightning.tasks.carried_state import CarriedState
 from lm_lightning.tasks.metrics import LanguageModelMetrics, Ratio
+from lm_lightning.tasks.param_groups import apply_lr_scales, parameter_groups
 from lm_lightning.tracking.callbacks import reaches_loggers
 from lm_lightning.training.lightning_internals import batches_processed_in_epoch
 
@@ -194,8 +195,9 @@ class LanguageModelTask(L.LightningModule):
         if self.optimizer_factory is None:
             raise RuntimeError("LanguageModelTask was built without an optimizer: it can evaluate but not train")
         weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(params=weight_decay_groups(self.model, weight_decay),
+        optimizer = self.optimizer_factory(params=parameter_groups(self.model, weight_decay),
                                            **optimizer_kwargs_for(self.optimizer_factory, self.device))  # fused on CUDA
+        apply_lr_scales(optimizer)  # μP's per-role factors, before the scheduler takes lr as its base
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

@@ -186,3 +186,15 @@ def test_a_text_of_lines_longer_than_sentencepiece_takes_still_trains_a_tokenize
                           "tokenizer.vocab_size=290", "wandb_mode=disabled", f"hydra.run.dir={tmp_path / 'p'}",
                           cwd=tmp_path, cache=tmp_path / "cache")
     assert "prepared corpus:" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (("model.parametrization=mup", "model.tie_embeddings=false", "optimizer=sgd"),
+     "model.parametrization=mup scales learning rates for Adam-type optimizers (adamw, adam, muon), not torch.optim.SGD"),
+    (("model.parametrization=mup",), "model.parametrization=mup needs model.tie_embeddings=false"),
+])
+def test_mup_with_what_it_cannot_scale_is_refused_before_the_run_folder(tmp_path, corpus_cache, overrides, says):
+    run = tmp_path / "run"
+    _refused("train", "experiment=tiny", *overrides, f"hydra.run.dir={run}", cwd=tmp_path, cache=corpus_cache,
+             unchanged=(corpus_cache,), says=says)
+    assert not run.exists()

@@ -86,6 +86,8 @@ def test_greedy_generation_with_transformers_cache_continues_as_ours(tmp_path):
         ({"family": "prefix_lm"}, "model.family=prefix_lm"),
         ({"position": "rope", "norm": "rmsnorm", "activation": "gelu"}, "model.position=rope with norm=rmsnorm, activation=gelu"),
         ({"position": "learned", "activation": "swiglu"}, "model.position=learned with norm=layernorm, activation=swiglu"),
+        ({"parametrization": "mup", "tie_embeddings": False, "mup_base_width": 16},
+         "model.parametrization=mup at a width multiplier of 2"),
     ],
 )
 def test_a_configuration_without_an_exact_counterpart_is_refused_in_one_line_before_writing(tmp_path, options, named):

@@ -111,3 +111,17 @@ def test_families_without_mup_and_coordcheck_on_them_are_refused(tmp_path):
     assert proc.returncode == 2 and "model.parametrization is not an option of EncoderConfig" in proc.stderr
     proc = run_in_process("scaling", "coordcheck", "model=lstm", cwd=tmp_path, cache=tmp_path, check=False)
     assert proc.returncode == 2 and "scaling coordcheck needs a transformer with model.parametrization" in proc.stderr
+
+
+def test_code_that_reads_hidden_states_gets_the_scaled_logits():
+    from lm_lightning.alignment.ppo_rollout import response_outputs
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=64, parametrization="mup",
+                          tie_embeddings=False, mup_base_width=16)).eval()
+    ids = torch.randint(0, 50, (2, 8))
+    positions = torch.tensor([[1, 5], [0, 7]])
+    _, logits = response_outputs(model, ids, positions)
+    expected = model(ids).gather(1, positions[..., None].expand(-1, -1, 50))
+    torch.testing.assert_close(logits, expected)  # PPO's policy reads features: the 1/m multiplier applies there too
+    assert model.output_multiplier == 0.25

@@ -419,7 +419,7 @@ class PromptTunedGPT(nn.Module):
         return m.ln_f(x[:, P:])
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.features(idx))
+        return self.model.head(self.features(idx))
 
 
 # ---------------------------------------------------------------- shared

@@ -20,7 +20,7 @@ def response_outputs(model: nn.Module, ids: torch.Tensor, positions: torch.Tenso
     """(hidden (B, R, n_embd), logits (B, R, V)) at ``positions`` (B, R) of the sequences ``ids`` (B, L)."""
     hidden = model.features(ids)
     picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
-    return picked, model.lm_head(picked)
+    return picked, model.head(picked)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

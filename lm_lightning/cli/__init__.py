@@ -34,10 +34,11 @@ COMMANDS = {
     "compare": ("lm_lightning.cli.compare", "runs side by side from their records: table, CSV, curves, HTML report "
                 "(conf/compare.yaml)"),
 }
+WIDTH = max(map(len, COMMANDS))  # the name column of the usage pages
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<{WIDTH}} {help_}" for name, (_, help_) in COMMANDS.items())
     return (
         "usage: lm-lightning <command> [key=value ...] [-m] [--help]\n\n"
         f"commands:\n{rows}\n\n"
@@ -104,7 +105,7 @@ def _command(args: list[str]) -> tuple[str, list[str]]:
     if subcommands := _subcommands(first):  # `lm-lightning scaling [--help]`: the group's commands
         names = "|".join(subcommands)
         page = f"usage: lm-lightning {first} <{names}> [key=value ...] [--help]\n\ncommands:\n" + "\n".join(
-            f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items() if name.startswith(f"{first} "))
+            f"  {name:<{WIDTH}} {help_}" for name, (_, help_) in COMMANDS.items() if name.startswith(f"{first} "))
         if any(arg in HELP for arg in rest):
             print(page)
             sys.exit(0)

@@ -20,6 +20,7 @@ from lm_lightning.models.capabilities import (
     model_class,
 )
 
+MUP_REFUSED = ("SGD", "Adafactor")  # optimizers whose μP factors differ from Adam's (tasks/param_groups.py)
 UNKNOWN_VOCABULARY = 2**31 - 1  # the tokenizer's vocabulary is known once the corpus is prepared: any size passes
 
 
@@ -34,6 +35,9 @@ def check_train_config(cfg: DictConfig) -> None:
         if isinstance(cfg.get(group), DictConfig) and "_target_" in cfg[group]:
             check_option_types(cfg[group], group, _target_hints(cfg[group]._target_))
     check_model_options(model)
+    if model.get("parametrization") == "mup" and str(cfg.optimizer.get("_target_")).rsplit(".", 1)[-1] in MUP_REFUSED:
+        raise UserError(f"model.parametrization=mup scales learning rates for Adam-type optimizers (adamw, adam, muon), "
+                        f"not {cfg.optimizer._target_}: choose one of those or model.parametrization=standard")
     check_compatible(model, cfg.objective)
     if cfg.strategy.get("parallelize"):
         check_blocks_for_sharding(model)

@@ -61,6 +61,8 @@ def target_architecture(config: GPTConfig) -> str:
         unsupported = f"model.norm_position={c.norm_position}"
     elif c.n_experts:
         unsupported = f"model.n_experts={c.n_experts} (Mixture of Experts)"
+    elif c.parametrization == "mup" and c.width_multiplier() != 1.0:  # no place for the output multiplier or 1/d_head
+        unsupported = f"model.parametrization=mup at a width multiplier of {c.width_multiplier():g}"
     elif c.position != "rope" and c.norm == "layernorm" and c.activation in HF_ACTIVATIONS:
         arch = "gpt2"
     elif c.position == "rope" and c.norm == "layernorm" and c.activation in HF_ACTIVATIONS:

@@ -85,6 +85,11 @@ class LanguageModel(nn.Module):
         return training_flops_per_token(self.parameter_count().active_non_embedding, c.n_embd * c.vocab_size,
                                         self.attention_layers(), c.n_embd, context or c.block_size)
 
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final hidden states (what ``forward`` applies after ``features``): callers that read the
+        hidden states themselves (PPO's value head, soft prompts) get the same logits as ``forward``."""
+        return self.lm_head(hidden)
+
     def aux_loss(self) -> torch.Tensor | None:
         """Mean MoE load-balancing loss of the latest forward; None for a dense model."""
         return moe_aux_loss(self)

@@ -157,7 +157,10 @@ class GPT(LanguageModel):
     ) -> torch.Tensor:
         """idx: (B, T) token ids; caches: one KVCache per layer when decoding incrementally;
         prefix_lengths (B,): a prefix LM's bidirectional prefix per sequence (tokens after it stay causal)."""
-        logits = self.lm_head(self.features(idx, caches, prefix_lengths))
+        return self.head(self.features(idx, caches, prefix_lengths))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
         return logits if self.output_multiplier == 1.0 else logits * self.output_multiplier
 
     def features(

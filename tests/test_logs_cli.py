@@ -96,7 +96,7 @@ def test_shell_completion_script_completes_commands_then_each_commands_keys(tmp_
         return run_in_process("-sc", "query=bash", cwd=tmp_path, cache=tmp_path / "cache").stdout.split()
 
     assert {"train", "prepare", "scaling", "evaluate"} <= set(query("lm-lightning ")) and "fit" not in query("lm-lightning ")
-    assert query("lm-lightning scaling ") == ["fit", "plan"]
+    assert query("lm-lightning scaling ") == ["fit", "coordcheck", "plan"]
     assert "model=gpt" in query("lm-lightning train model=")
     assert query("lm-lightning scaling fit n_boot") == ["n_bootstrap=", "n_bootstrap_chinchilla="]
     assert query("lm-lightning evaluate ckpt") == ["ckpt_path="]
@@ -143,10 +143,10 @@ def test_each_commands_help_lists_its_own_groups_and_options_with_their_comments
     assert re.search(r"^  tracker\.mode=auto +online when logged in", fit, re.M)
     assert "config groups" not in fit and "model=" not in fit and "experiments" not in fit
     group = run_in_process("scaling", "--help", cwd=tmp_path, cache=tmp_path / "cache").stdout
-    assert group.startswith("usage: lm-lightning scaling <fit|plan>") and "  scaling plan " in group
+    assert group.startswith("usage: lm-lightning scaling <fit|coordcheck|plan>") and "  scaling plan " in group
     wrong = run_in_process("scaling", "fits", cwd=tmp_path, cache=tmp_path / "cache", check=False)
     assert wrong.returncode == 2
-    assert wrong.stderr.splitlines()[-1] == "error: lm-lightning scaling fits is not a command: choose lm-lightning scaling <fit|plan>"
+    assert wrong.stderr.splitlines()[-1] == "error: lm-lightning scaling fits is not a command: choose lm-lightning scaling <fit|coordcheck|plan>"
 
 
 def test_an_align_experiment_run_by_train_ends_with_the_command_to_run(tmp_path):

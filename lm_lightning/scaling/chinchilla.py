@@ -16,8 +16,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 from lm_lightning.scaling.fit_common import (
-    FitResult, Interval, bootstrap_interval, check_at_least, check_positive, check_same_length, one_blas_thread,
-    r_squared, scalar_or_array,
+    FitResult, Interval, bootstrap_interval, check_at_least, check_positive, check_same_length, check_seed_losses,
+    one_blas_thread, r_squared, resampled_losses, scalar_or_array,
 )
 
 # Hoffmann et al. 2022's grid of L-BFGS starts for approach 3 (6 · 6 · 6 · 5 · 5 = 5400 starts)
@@ -136,7 +136,8 @@ def _lbfgs(starts: Iterable[np.ndarray], log_N: np.ndarray, log_D: np.ndarray, l
 @one_blas_thread()
 def fit_chinchilla(N: Sequence[float] | np.ndarray, D: Sequence[float] | np.ndarray,
                    loss: Sequence[float] | np.ndarray, n_bootstrap: int = 500, seed: int = 0, delta: float = 1e-3,
-                   full_grid: bool = False, bootstrap_starts: int = 2, loo: bool = True) -> ChinchillaFit:
+                   full_grid: bool = False, bootstrap_starts: int = 2, loo: bool = True,
+                   seed_losses: Sequence[Sequence[float]] | None = None) -> ChinchillaFit:
     """Fit L(N, D) = E + A/N^α + B/D^β as Hoffmann et al. 2022 (approach 3).
 
     Minimises Σ Huber_δ(LSE(log A − α log N, log B − β log D, log E) − log L) over
@@ -151,11 +152,13 @@ def fit_chinchilla(N: Sequence[float] | np.ndarray, D: Sequence[float] | np.ndar
 
     Bootstrap (Besiroglu et al. 2024): ``n_bootstrap`` resamples of the runs with replacement,
     each fitted from the full fit's optimum plus the ``bootstrap_starts - 1`` best grid points
-    for that resample. LOO (``loo=True``) refits without each run the same way.
+    for that resample; ``seed_losses`` (each point's per-seed losses, ``loss`` their means) resamples the
+    seeds within each resampled point too. LOO (``loo=True``) refits without each run the same way.
     """
     where = "fit_chinchilla"
     N, D, loss = check_positive("N", N, where), check_positive("D", D, where), check_positive("loss", loss, where)
     n = check_same_length(where, N=N, D=D, loss=loss)
+    check_seed_losses(seed_losses, n, where)
     check_at_least(where, n, 6, "one more than the 5 parameters, for leave-one-out")
     for name, values in (("N", N), ("D", D)):
         if np.unique(values).size < 2:
@@ -163,17 +166,18 @@ def fit_chinchilla(N: Sequence[float] | np.ndarray, D: Sequence[float] | np.ndar
     log_N, log_D, log_loss = np.log(N), np.log(D), np.log(loss)
     grid = np.array(list(itertools.product(*CHINCHILLA_GRID.values())))
 
-    def ranked_grid(index: np.ndarray, count: int) -> np.ndarray:
-        order = np.argsort(_grid_objectives(grid, log_N[index], log_D[index], log_loss[index], delta))
+    def ranked_grid(index: np.ndarray, count: int, y: np.ndarray) -> np.ndarray:
+        order = np.argsort(_grid_objectives(grid, log_N[index], log_D[index], y, delta))
         return grid[order[:count]]
 
     everything = np.arange(n)
     starts = grid if full_grid else _best_per_exponents(grid, _grid_objectives(grid, log_N, log_D, log_loss, delta))
     theta, objective = _lbfgs(starts, log_N, log_D, log_loss, delta)
 
-    def fit_subset(index: np.ndarray) -> np.ndarray:
-        subset_starts = [theta, *ranked_grid(index, bootstrap_starts - 1)]
-        return _lbfgs(subset_starts, log_N[index], log_D[index], log_loss[index], delta)[0]
+    def fit_subset(index: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        y = log_loss[index] if y is None else y  # log losses of the points in index
+        subset_starts = [theta, *ranked_grid(index, bootstrap_starts - 1, y)]
+        return _lbfgs(subset_starts, log_N[index], log_D[index], y, delta)[0]
 
     def to_parameters(theta_: np.ndarray) -> np.ndarray:  # (E, A, B, alpha, beta)
         log_A, log_B, log_E, alpha, beta = theta_
@@ -194,7 +198,7 @@ def fit_chinchilla(N: Sequence[float] | np.ndarray, D: Sequence[float] | np.ndar
     for _ in range(n_bootstrap):
         index = rng.integers(0, n, n)
         if len({*zip(N[index], D[index])}) >= 6 and np.unique(N[index]).size > 1 and np.unique(D[index]).size > 1:
-            samples.append(to_parameters(fit_subset(index)))
+            samples.append(to_parameters(fit_subset(index, np.log(resampled_losses(rng, index, loss, seed_losses)))))
     samples = np.array(samples, dtype=float).reshape(-1, 5)
     a_samples = samples[:, 4] / (samples[:, 3] + samples[:, 4])
     intervals = [bootstrap_interval(samples[:, i]) for i in range(5)]

@@ -93,3 +93,18 @@ def r_squared(y: Sequence[float] | np.ndarray, y_hat: Sequence[float] | np.ndarr
         raise ValueError(f"r_squared: y and y_hat must have the same shape (got {y.shape} and {y_hat.shape})")
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     return 1.0 - float(np.sum((y - y_hat) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
+
+
+def resampled_losses(rng: np.random.Generator, index: np.ndarray, loss: np.ndarray,
+                     seed_losses: Sequence[Sequence[float]] | None) -> np.ndarray:
+    """The losses of a bootstrap resample ``index`` of the points. Without ``seed_losses`` each point's loss; with
+    them (one list of per-seed losses per point) the mean of that point's seeds resampled with replacement, so the
+    intervals also carry the seed noise (a two-level bootstrap: points, then seeds within each point)."""
+    if seed_losses is None:
+        return loss[index]
+    return np.array([rng.choice(np.asarray(seed_losses[i], dtype=float), len(seed_losses[i])).mean() for i in index])
+
+
+def check_seed_losses(seed_losses: Sequence[Sequence[float]] | None, n: int, where: str) -> None:
+    if seed_losses is not None and (len(seed_losses) != n or any(len(s) == 0 for s in seed_losses)):
+        raise ValueError(f"{where}: seed_losses must hold a non-empty list of losses for each of the {n} points")

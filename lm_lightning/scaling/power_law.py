@@ -16,8 +16,8 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from lm_lightning.scaling.fit_common import (
-    FitResult, Interval, bootstrap_interval, check_at_least, check_positive, check_same_length, one_blas_thread,
-    r_squared, scalar_or_array,
+    FitResult, Interval, bootstrap_interval, check_at_least, check_positive, check_same_length, check_seed_losses,
+    one_blas_thread, r_squared, resampled_losses, scalar_or_array,
 )
 
 
@@ -92,7 +92,8 @@ def _irreducible_starts(u: np.ndarray, loss: np.ndarray) -> list[np.ndarray]:
 
 @one_blas_thread()
 def fit_power_law(x: Sequence[float] | np.ndarray, loss: Sequence[float] | np.ndarray, irreducible: bool = False,
-                  n_bootstrap: int = 1000, seed: int = 0) -> PowerLawFit:
+                  n_bootstrap: int = 1000, seed: int = 0,
+                  seed_losses: Sequence[Sequence[float]] | None = None) -> PowerLawFit:
     """Fit L(x) = (x_c / x)^α, or L(x) = E + (x_c / x)^α with ``irreducible=True``.
 
     ``x`` is whatever the caller scales (N parameters, D tokens or C FLOPs), shape (n,), positive;
@@ -101,11 +102,13 @@ def fit_power_law(x: Sequence[float] | np.ndarray, loss: Sequence[float] | np.nd
     (E and the power term's constant kept positive through their logs) from 12 starts.
     Bootstrap: ``n_bootstrap`` resamples of the points with replacement (seeded), each refitted
     (with E: warm-started from the full fit); resamples with too few distinct x are skipped.
-    LOO refits likewise start from the full fit. Needs 3 points (4 with E).
+    LOO refits likewise start from the full fit. Needs 3 points (4 with E). ``seed_losses`` (each point's
+    per-seed losses, ``loss`` their means) resamples the seeds within each resampled point too.
     """
     where = "fit_power_law"
     x, loss = check_positive("x", x, where), check_positive("loss", loss, where)
     n = check_same_length(where, x=x, loss=loss)
+    check_seed_losses(seed_losses, n, where)
     needed = 4 if irreducible else 3
     check_at_least(where, n, needed, "one more than the parameters, for leave-one-out")
     if np.unique(x).size < needed - 1:
@@ -117,15 +120,15 @@ def fit_power_law(x: Sequence[float] | np.ndarray, loss: Sequence[float] | np.nd
     if irreducible:
         theta = _irreducible_fit(u, log_loss, _irreducible_starts(u, loss))
 
-        def fit_subset(index: np.ndarray) -> tuple[float, float, float]:
-            log_E, log_A, alpha = _irreducible_fit(u[index], log_loss[index], [theta])
+        def fit_subset(index: np.ndarray, y: np.ndarray | None = None) -> tuple[float, float, float]:
+            log_E, log_A, alpha = _irreducible_fit(u[index], log_loss[index] if y is None else y, [theta])
             return alpha, log_A / alpha + centre, math.exp(log_E)
 
         log_E, log_A, alpha = theta
         E, log_x_c = math.exp(log_E), log_A / alpha + centre
     else:
-        def fit_subset(index: np.ndarray) -> tuple[float, float, float]:
-            return *_power_law_loglinear(log_x[index], log_loss[index]), float("nan")
+        def fit_subset(index: np.ndarray, y: np.ndarray | None = None) -> tuple[float, float, float]:
+            return *_power_law_loglinear(log_x[index], log_loss[index] if y is None else y), float("nan")
 
         alpha, log_x_c, E = fit_subset(np.arange(n))
     with np.errstate(over="ignore"):
@@ -143,7 +146,7 @@ def fit_power_law(x: Sequence[float] | np.ndarray, loss: Sequence[float] | np.nd
     for _ in range(n_bootstrap):
         index = rng.integers(0, n, n)
         if np.unique(x[index]).size >= needed - 1:
-            samples.append(fit_subset(index))
+            samples.append(fit_subset(index, np.log(resampled_losses(rng, index, loss, seed_losses))))
     samples = np.array(samples, dtype=float).reshape(-1, 3)
     with np.errstate(over="ignore"):
         x_c_samples = np.exp(samples[:, 1])

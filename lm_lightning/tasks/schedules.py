@@ -77,3 +77,50 @@ def warmup_stable_decay(
         return 1.0 - progress * (1.0 - min_lr_ratio)
 
     return LambdaLR(optimizer, multiplier)
+
+
+class CooldownLR(LambdaLR):
+    """The cooldown of a warmup-stable-decay branch (Hägele et al. 2024): from the stable lr at
+    ``decay_start`` down to ``min_lr_ratio``·lr at ``total_steps``, linearly or as 1 − √progress.
+
+    Before ``warmup_steps`` it warms up as the stable run did. ``decay_start=None`` is the step of the
+    checkpoint the run resumes from (``ckpt_path=`` a stable run's branch checkpoint): Lightning restores
+    the stable run's scheduler state into this one and the step it holds is taken as the start. Once set, ``decay_start`` is an attribute, so it is part of
+    this scheduler's own state and a branch resumed from its own last.ckpt keeps its start; without a
+    checkpoint the decay starts after the warmup.
+    """
+
+    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0,
+                 shape: str = "linear", decay_start: int | None = None) -> None:
+        _check(total_steps, warmup_steps)
+        if shape not in ("linear", "1-sqrt"):
+            raise UserError(f"scheduler.shape={shape!r} must be linear or 1-sqrt")
+        if decay_start is not None and not 0 <= decay_start < total_steps:
+            raise UserError(f"scheduler.decay_start={decay_start} must be below scheduler.total_steps={total_steps}")
+        self.total_steps, self.warmup_steps, self.min_lr_ratio = total_steps, warmup_steps, min_lr_ratio
+        self.shape, self.decay_start = shape, decay_start
+        # a plain function, not a bound method: LambdaLR keeps no state of it in checkpoints
+        super().__init__(optimizer, lambda step: self.multiplier(step))
+
+    def multiplier(self, step: int) -> float:
+        if step < self.warmup_steps:  # the stable run's warmup: only a branch started without a checkpoint sees it
+            return _warmup(step, self.warmup_steps)
+        start = self.decay_start if self.decay_start is not None else self.warmup_steps
+        progress = min(max(step - start, 0) / max(self.total_steps - start, 1), 1.0)
+        fall = progress if self.shape == "linear" else math.sqrt(progress)
+        return 1.0 - fall * (1.0 - self.min_lr_ratio)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        own = {k: v for k, v in state_dict.items() if k not in ("total_steps", "warmup_steps", "min_lr_ratio", "shape")}
+        super().load_state_dict(own)  # this run's length and shape stand; a stable run's state has no decay_start
+        if self.decay_start is None:
+            self.decay_start = self.last_epoch
+            if self.decay_start >= self.total_steps:
+                raise UserError(f"the checkpoint is at step {self.decay_start}, not below trainer.max_steps="
+                                f"{self.total_steps}: a cooldown branch must run past the step it starts from")
+
+
+def cooldown(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0,
+             shape: str = "linear", decay_start: int | None = None) -> CooldownLR:
+    """A cooldown branch's schedule (:class:`CooldownLR`)."""
+    return CooldownLR(optimizer, total_steps, warmup_steps, min_lr_ratio, shape, decay_start)

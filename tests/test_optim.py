@@ -13,7 +13,7 @@ from lm_lightning.models.gpt import GPT, GPTConfig
 from lm_lightning.objectives.causal_lm import CausalLM
 from lm_lightning.config.app import CONF_DIR
 from lm_lightning.tasks import schedules
-from lm_lightning.tasks.language_model import weight_decay_groups
+from lm_lightning.tasks.param_groups import parameter_groups
 
 from helpers import REPO
 
@@ -67,7 +67,7 @@ def test_every_optimizer_config_lowers_the_loss_of_a_tiny_gpt(name):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=16, block_size=16, n_layer=1, n_head=2, n_embd=32))
     factory = hydra.utils.instantiate(cfg.optimizer)
-    optimizer = factory(params=weight_decay_groups(model, factory.keywords.get("weight_decay", 0.0)))
+    optimizer = factory(params=parameter_groups(model, factory.keywords.get("weight_decay", 0.0)))
     batch = torch.randint(16, (4, 17), generator=torch.Generator().manual_seed(1))
     objective = CausalLM()
     first = objective(model, batch).loss.item()

@@ -66,7 +66,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
         members = [params[name] for name, r in roles.items() if r == role]
         if members:
             groups.append({"params": members, "weight_decay": 0.0 if role == "vector" else weight_decay, "role": role,
-                           "lr_scale": scales[role]})
+                           "lr_scale": scales[role],
+                           "name": role})  # Lightning's LearningRateMonitor logs lr-<optimizer>/<name>
     return groups
 
 

@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from train_runs import final_val_loss
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("shakespeare_char", "gutenberg_small")
@@ -41,19 +40,13 @@ def full_steps(experiment: str) -> tuple[int, int]:
 def train(out: Path, experiment: str, optimizer: str, lr: float, seed: int, steps: int, threads: int) -> float:
     """The final validation loss (nats/token) of one run, training it unless its run.json exists."""
     run_dir = out / experiment / f"{optimizer}-lr{lr:g}-seed{seed}-{steps}steps"
-    record = run_dir / "run.json"
-    if not record.is_file():
-        max_steps, warmup = full_steps(experiment)
-        overrides = [f"experiment={experiment}", f"optimizer={optimizer}", f"optimizer.lr={lr}", f"seed={seed}",
-                     "logger=csv", "sample.max_new_tokens=0", f"num_threads={threads}", f"hydra.run.dir={run_dir}"]
-        if steps != max_steps:  # shortened: warmup in proportion, one evaluation at the end
-            overrides += [f"trainer.max_steps={steps}", f"scheduler.warmup_steps={max(1, warmup * steps // max_steps)}",
-                          f"trainer.val_check_interval={steps}", f"callbacks.last_checkpoint.every_n_train_steps={steps}"]
-        proc = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "lm_lightning", "train", *overrides],
-                              cwd=out, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise SystemExit(f"run failed: {' '.join(overrides)}\n{proc.stderr[-3000:]}")
-    loss = json.loads(record.read_text())["final"]["val/loss"]
+    max_steps, warmup = full_steps(experiment)
+    overrides = [f"experiment={experiment}", f"optimizer={optimizer}", f"optimizer.lr={lr}", f"seed={seed}",
+                 "logger=csv", "sample.max_new_tokens=0", f"num_threads={threads}"]
+    if steps != max_steps:  # shortened: warmup in proportion, one evaluation at the end
+        overrides += [f"trainer.max_steps={steps}", f"scheduler.warmup_steps={max(1, warmup * steps // max_steps)}",
+                      f"trainer.val_check_interval={steps}", f"callbacks.last_checkpoint.every_n_train_steps={steps}"]
+    loss = final_val_loss(run_dir, overrides, cwd=out)
     print(f"{experiment:17s} {optimizer:6s} lr={lr:<7g} seed={seed:<5d} final val loss {loss:.4f}", flush=True)
     return loss
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from train_runs import final_val_loss
 
 WIDTHS = (64, 128, 256, 512)
 LRS = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
@@ -32,18 +32,12 @@ SHAPE = ["model.n_layer=2", "model.n_head=4", "model.block_size=32", "model.tie_
 def train(out: Path, parametrization: str, width: int, lr: float, steps: int, threads: int) -> float:
     """The final validation loss (nats/token) of one run, training it unless its run.json exists."""
     run_dir = out / f"{parametrization}-w{width}-lr{lr:g}"
-    record = run_dir / "run.json"
-    if not record.is_file():
-        overrides = ["experiment=gutenberg_small", *SHAPE, f"model.n_embd={width}",
-                     f"model.parametrization={parametrization}", f"optimizer.lr={lr}", f"trainer.max_steps={steps}",
-                     f"scheduler.warmup_steps={steps // 20}", f"trainer.val_check_interval={steps}",
-                     f"callbacks.last_checkpoint.every_n_train_steps={steps}", "trainer.limit_val_batches=20",
-                     "logger=csv", "sample.max_new_tokens=0", f"num_threads={threads}", f"hydra.run.dir={run_dir}"]
-        proc = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "lm_lightning", "train", *overrides],
-                              cwd=out, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise SystemExit(f"run failed: {' '.join(overrides)}\n{proc.stderr[-3000:]}")
-    loss = json.loads(record.read_text())["final"]["val/loss"]
+    overrides = ["experiment=gutenberg_small", *SHAPE, f"model.n_embd={width}",
+                 f"model.parametrization={parametrization}", f"optimizer.lr={lr}", f"trainer.max_steps={steps}",
+                 f"scheduler.warmup_steps={steps // 20}", f"trainer.val_check_interval={steps}",
+                 f"callbacks.last_checkpoint.every_n_train_steps={steps}", "trainer.limit_val_batches=20",
+                 "logger=csv", "sample.max_new_tokens=0", f"num_threads={threads}"]
+    loss = final_val_loss(run_dir, overrides, cwd=out)
     print(f"{parametrization:8s} width {width:<4d} lr={lr:<7g} final val loss {loss:.4f}", flush=True)
     return loss
 

@@ -14,7 +14,7 @@ The other lines run (shortened) in the tests of their commands, not again here:
   train -m ... scaling_cpu; scaling fit        test_scaling_budget.py::test_scaling_fit_reads_a_sweep_back_from_its_run_records
   scaling coordcheck; parametrization=mup      test_mup.py (the coordinate check through the command)
   train callbacks=wsd_stable; scheduler=wsd_branch; wsd_ladder sweeps   test_wsd.py (the two-step recipe end to end)
-  scaling fit ... predict=[...]; prediction_ladder   test_scaling_seeds.py (seeds averaged, predictions and intervals)
+  scaling fit ... predict=[...]; prediction_ladder(_mup)   test_scaling_seeds.py (seeds averaged, predictions and intervals)
   train experiment=tiny ... ckpt_path=last     test_resume.py; test_reliability.py (resume after a kill, after a torn write)
   evaluate                                     test_cli.py::test_evaluate_reports_loss_perplexity_and_bits_per_byte
   evaluate ... stride=32                       test_evaluate.py (stride, stateful, the report, WikiText-2 on a slice)

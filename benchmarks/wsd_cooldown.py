@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="branch lengths, steps")
     parser.add_argument("--cooldown", type=float, default=0.2, help="cooldown share of each branch's length")
     parser.add_argument("--extra", default="", help="space-separated overrides for every run (e.g. model.block_size=32)")
+    parser.add_argument("--cosine-min-lr-ratio", type=float, default=0.1,
+                        help="the cosine runs' final lr as a share of the peak (0.1: the project's default; 0: as the branches)")
     parser.add_argument("--skip-ladder", action="store_true", help="only --depth: no other sizes, no fit")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -75,9 +77,11 @@ def main() -> None:
             train_sweep("wsd_ladder", out, *sweep, *stable_args)
             train_sweep("wsd_ladder_branches", out, *sweep, *branch_args)
         if depths == [str(args.depth)]:
-            cosine = out / "cosine"
+            floor = args.cosine_min_lr_ratio
+            cosine = out / ("cosine" if floor == 0.1 else f"cosine_min{floor:g}")
             if len(records(cosine)) < len(lengths):
-                train_sweep("wsd_ladder", out, "scheduler=warmup_cosine", "callbacks.branch_points=null",
+                train_sweep("wsd_ladder", out, "scheduler=warmup_cosine", f"scheduler.min_lr_ratio={floor}",
+                            "callbacks.branch_points=null",
                             f"model.n_layer={args.depth}", f"seed={args.seeds.split(',')[0]}",
                             f"trainer.max_steps={','.join(map(str, lengths))}", f"hydra.sweep.dir={cosine}",
                             "hydra.sweep.subdir=T${trainer.max_steps}", *common)

@@ -11,9 +11,10 @@ import importlib
 import io
 import logging
 import os
-import time
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,14 @@ def _command_line_state(cwd: Path, cache: Path) -> Iterator[None]:
 def start_cli(*args: str, cwd: Path, cache: Path) -> subprocess.Popen:
     """Starts ``python -m lm_lightning <args>`` without waiting (for signal and kill tests)."""
     return subprocess.Popen([sys.executable, "-m", "lm_lightning", *args], cwd=cwd, env=cli_env(cache),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A shell started in the background (nohup, ``&``, some CI runners) ignores SIGINT, and its children inherit
+    that; the command under test gets Ctrl-C as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:

@@ -129,14 +129,18 @@ def check_init_from_fits(cfg: DictConfig) -> None:
 
 
 def _run_folder(cfg: DictConfig) -> Path | None:
-    """The run folder: Hydra's output folder inside the run, ``hydra.run.dir`` before Hydra makes it."""
+    """The run folder: ``hydra.run.dir`` of a config that still holds Hydra's node (the callback before the run:
+    Hydra has not made the folder, and a HydraConfig set by an earlier run in this process is not this run's),
+    else Hydra's output folder of the running job."""
     from hydra.core.hydra_config import HydraConfig
 
+    run_dir = OmegaConf.select(cfg, "hydra.run.dir", default=None, throw_on_resolution_failure=False)
+    if run_dir:
+        return Path(run_dir)
     try:
         return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # HydraConfig not set yet: the callback before the run, or a config composed by hand
-        run_dir = OmegaConf.select(cfg, "hydra.run.dir", default=None, throw_on_resolution_failure=False)
-        return Path(run_dir) if run_dir else None
+    except ValueError:  # a config composed by hand
+        return None
 
 
 def apply_scaling(cfg: DictConfig, model_cfg: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:

@@ -26,7 +26,10 @@ def write_run(folder, N, D, loss, seed, lr=1e-3, status="finished"):
     record = {"run_name": folder.name, "status": status, "final": {"val/loss": loss},
               "parameters": {"non_embedding": int(N), "total": int(N * 1.2)}, "tokens_trained": int(D),
               "training_flops": 6.6 * N * D, "best": {"val/loss": loss},
-              "config": {"seed": seed, "data": {"seed": seed, "cache_dir": f"/cache/{seed}"}, "model": {"n_layer": 1},
+              # as in train's configs: data.seed follows the run's seed; the tokenizer's and dedup's seeds are fixed
+              # values that happen to equal some runs' seeds, and must not tell those runs apart
+              "config": {"seed": seed, "data": {"seed": seed, "cache_dir": f"/cache/{seed}", "corpus": {"dedup": {"seed": 1}}},
+                         "tokenizer": {"seed": 0}, "model": {"n_layer": 1},
                          "optimizer": {"lr": lr}, "paths": {"output_dir": str(folder)}}}
     (folder / "run.json").write_text(json.dumps(record))
 

@@ -80,15 +80,15 @@ def collect_runs(folders: list[str | Path], loss_key: str = "val/loss") -> list[
 
 
 def _experiment(config: dict[str, Any]) -> str:
-    """The run's config minus what differs between seeds of one experiment: every ``*seed`` option holding the
-    run's own seed (``data.seed: ${seed}``), the cache folder, and a cooldown's start (its D tells the branches apart)."""
-    seed = config.get("seed")
+    """The run's config minus what differs between seeds of one experiment: the data order's seed (``data.seed:
+    ${seed}``, the only option that follows the run's seed), the cache folder, and a cooldown's start (its D tells
+    the branches apart). Other ``*seed`` options (the tokenizer's, dedup's, the split's) are fixed values of the
+    experiment, whatever the run's seed."""
+    left_out = (".data.seed", ".data.cache_dir", ".scheduler.decay_start")
 
     def keep(node: Any, path: str) -> Any:
         if isinstance(node, dict):
-            return {k: keep(v, f"{path}.{k}") for k, v in sorted(node.items())
-                    if not (str(k).endswith("seed") and v == seed) and f"{path}.{k}" not in (".data.cache_dir",
-                                                                                             ".scheduler.decay_start")}
+            return {k: keep(v, f"{path}.{k}") for k, v in sorted(node.items()) if f"{path}.{k}" not in left_out}
         return node
 
     return json.dumps({k: keep(config.get(k), f".{k}") for k in EXPERIMENT_KEYS}, sort_keys=True, default=str)

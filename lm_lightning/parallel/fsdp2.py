@@ -42,6 +42,15 @@ class FSDP2Strategy(ModelParallelStrategy):
             load_checkpoint_file(Path(checkpoint_path) / "meta.pt", name=checkpoint_path)  # refuses code, before the shards
         return super().load_checkpoint(checkpoint_path, weights_only=True)
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if self._save_distributed_checkpoint:  # written into the folder in place: drop the shards of ranks this run lacks
+            self.barrier("fsdp2_save")  # (a resume with fewer ranks left them; the new metadata no longer names them)
+            if self.global_rank == 0:
+                for shard in Path(filepath).glob("__*_*.distcp"):
+                    if int(shard.name[2:].split("_")[0]) >= self.world_size:
+                        shard.unlink()
+
     def setup_environment(self) -> None:
         if self.data_parallel_over_all_processes:  # known only now that the Trainer has set devices and nodes
             set_data_parallel_degree(self, self.num_nodes * self.num_processes)

@@ -17,7 +17,7 @@ from filelock import FileLock
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
-from helpers import run_command  # noqa: E402
+from helpers import TINY_SCALEOUT, run_cli, run_command  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,6 +62,15 @@ def corpus_cache(session_dir) -> Path:
     return built_once(session_dir / "cache", lambda cache: run_command(
         "prepare", "data=tinyshakespeare", "tokenizer=char", "wandb_mode=disabled",
         run_dir=session_dir / "prepare", cache=cache))
+
+
+@pytest.fixture(scope="session")
+def ddp_run(session_dir, corpus_cache) -> Path:
+    """``experiment=tiny`` trained by two DDP processes (Lightning starts the second rank) for 10 steps
+    (``helpers.TINY_SCALEOUT``): the reference of the multi-process tests, trained once a session."""
+    return built_once(session_dir / "ddp_run", lambda run: run_cli(
+        "train", *TINY_SCALEOUT, "strategy=ddp", "trainer.devices=2", "trainer.max_steps=10", f"hydra.run.dir={run}",
+        cwd=session_dir, cache=corpus_cache))
 
 
 @pytest.fixture(scope="session")

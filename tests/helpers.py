@@ -39,6 +39,14 @@ def cli_env(cache: Path) -> dict[str, str]:
     }
 
 
+# 10 steps of a 2-layer, 32-wide GPT on a global batch of 8 windows × 32 characters (256 tokens), one thread per
+# process: the run the multi-process tests (tests/test_scaleout.py, tests/test_multinode.py) compare
+TINY_SCALEOUT = ["experiment=tiny", "logger=csv", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
+                 "trainer.val_check_interval=100", "trainer.limit_val_batches=1", "callbacks.throughput=null",
+                 "callbacks.last_checkpoint.every_n_train_steps=5", "scheduler.total_steps=10", "sample.max_new_tokens=0",
+                 "data.corpus.source.max_bytes=20000", "global_batch_tokens=256", "num_threads=1"]
+
+
 def run_cli(*args: str, cwd: Path, cache: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """Runs ``python -m lm_lightning <args>`` and waits for it; raises with its output when it fails."""
     proc = subprocess.run([sys.executable, "-m", "lm_lightning", *args], cwd=cwd, env=cli_env(cache),

@@ -14,13 +14,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lm_lightning.tracking.wandb import wandb_logger
 
-from helpers import cli_env, step_losses
+from helpers import TINY_SCALEOUT, cli_env, step_losses
 
-# 10 steps of a 2-layer, 32-wide GPT on a global batch of 8 windows × 32 characters (tests/test_scaleout.py's run)
-TINY = ["experiment=tiny", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "trainer.val_check_interval=100",
-        "trainer.limit_val_batches=1", "callbacks.throughput=null", "scheduler.total_steps=10", "trainer.max_steps=10",
-        "sample.max_new_tokens=0", "data.corpus.source.max_bytes=20000", "global_batch_tokens=256", "num_threads=1",
-        "strategy=ddp"]
+# the session's DDP run (conftest.py ddp_run), with the default loggers (W&B offline and CSV): one run per job
+TINY = [arg for arg in TINY_SCALEOUT if arg != "logger=csv"] + ["strategy=ddp", "trainer.max_steps=10"]
 
 
 def free_port() -> int:
@@ -54,21 +51,15 @@ def finished(proc: subprocess.Popen, what: str) -> str:
 
 
 @pytest.mark.slow
-def test_two_torchrun_nodes_train_as_one_ddp_job_with_one_run(tmp_path, corpus_cache):
-    nodes_cwd, reference_cwd = tmp_path / "nodes", tmp_path / "reference"
+def test_two_torchrun_nodes_train_as_one_ddp_job_with_one_run(tmp_path, corpus_cache, ddp_run):
+    nodes_cwd = tmp_path / "nodes"
     nodes_cwd.mkdir()
-    reference_cwd.mkdir()
     run = nodes_cwd / "run"
     port = free_port()
-    # the reference (Lightning starts the second rank) runs beside the two agents: one wait for all three
-    reference = start([sys.executable, "-m", "lm_lightning", "train", *TINY, "logger=csv", "trainer.devices=2",
-                       f"hydra.run.dir={reference_cwd / 'run'}"], reference_cwd, corpus_cache, tmp_path / "reference.log")
     agents = [torchrun_node(port, run, nodes_cwd, corpus_cache, tmp_path / f"node{i}.log") for i in range(2)]
     outputs = [finished(agent, f"torchrun node {i}") for i, agent in enumerate(agents)]
-    finished(reference, "2-process DDP reference")
-
     assert any("GLOBAL_RANK: 1, MEMBER: 2/2" in out for out in outputs)  # one job of two ranks, one per agent
-    losses, expected = step_losses(run), step_losses(reference_cwd / "run")
+    losses, expected = step_losses(run), step_losses(ddp_run)
     assert sorted(losses) == list(range(10)) and sorted(expected) == list(range(10))
     for step in range(10):
         assert abs(losses[step] - expected[step]) <= 1e-5, (step, losses[step], expected[step])

@@ -73,7 +73,10 @@ def plan_budget(model_cfg: Mapping[str, Any], budget: float, tokens_per_step: in
         for depth in range(1, max_layers + 1):
             shape = shape_for_depth(depth, aspect_ratio, head_size)
             n, fpt = model_figures({**model_cfg, **shape})
-            candidates.append((abs(math.log(budget / fpt / n / tokens_per_param)), shape, n, fpt))
+            ratio = budget / fpt / n
+            candidates.append((abs(math.log(ratio / tokens_per_param)), shape, n, fpt))
+            if ratio <= tokens_per_param:  # N and FLOPs/token grow with depth, so D/N only falls from here
+                break
         _, shape, n, fpt = min(candidates, key=lambda c: c[0])
     else:
         shape = (shape_for_depth(int(model_cfg["n_layer"]), aspect_ratio, head_size) if aspect_ratio

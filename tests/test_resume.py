@@ -11,19 +11,21 @@ TINY = ["experiment=tiny", "logger=csv", "trainer.log_every_n_steps=1", "trainer
 
 
 def test_stopped_and_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_path, corpus_cache):
+    """One run in three legs continued with ``ckpt_path=last``: to step 30 (before the last-checkpoint callback's
+    first period of 50: Lightning writes last.ckpt as the run ends), to 130 (not a multiple of the period), to 200."""
     cache = corpus_cache
     full, part = tmp_path / "full", tmp_path / "part"
     run_in_process("train", *TINY, "trainer.max_steps=200", f"hydra.run.dir={full}", cwd=tmp_path, cache=cache)
-    run_in_process("train", *TINY, "trainer.max_steps=100", f"hydra.run.dir={part}", cwd=tmp_path, cache=cache)
-    first = step_losses(part)
-    run_in_process("train", *TINY, "trainer.max_steps=200", f"hydra.run.dir={part}", "ckpt_path=last", cwd=tmp_path,
-                   cache=cache)
-
-    reference, resumed = step_losses(full), step_losses(part)
-    after = [s for s in reference if s >= 100]
-    assert len(after) == 100, f"expected 100 logged steps from 100 on, got {len(after)}"
-    # 20 kB of text gives ~560 windows of 32 characters, ~70 batches of 8 per epoch: step 100 is
-    # mid-epoch, and the resumed part crosses into a new epoch, so both orders are checked
-    assert max(first) < 100 <= min(s for s in resumed if s not in first)
-    for step in after:
+    reference, stops = step_losses(full), [30, 130, 200]
+    assert sorted(reference) == list(range(200))
+    for leg, stop in enumerate(stops):
+        before = step_losses(part)
+        run_in_process("train", *TINY, f"trainer.max_steps={stop}", f"hydra.run.dir={part}",
+                       *(["ckpt_path=last"] if leg else []), cwd=tmp_path, cache=cache)
+        resumed = step_losses(part)
+        new = sorted(s for s in resumed if s not in before)
+        assert new == list(range(stops[leg - 1] if leg else 0, stop)), (stop, new[:3], new[-3:])
+    # 20 kB of text gives ~560 windows of 32 characters, ~70 batches of 8 per epoch: steps 30 and 130 are
+    # mid-epoch, and the resumed legs cross into new epochs, so both orders are checked
+    for step in range(30, 200):
         assert abs(resumed[step] - reference[step]) <= 1e-5, (step, resumed[step], reference[step])

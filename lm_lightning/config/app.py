@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -160,4 +159,6 @@ def plain(cfg: Any) -> Any:
 
 def set_threads(num_threads: int | None) -> None:
     if num_threads:
+        import torch  # here, not at the top: a command refused before it runs never loads torch
+
         torch.set_num_threads(num_threads)

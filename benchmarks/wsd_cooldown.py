@@ -79,11 +79,12 @@ def main() -> None:
         if depths == [str(args.depth)]:
             floor = args.cosine_min_lr_ratio
             cosine = out / ("cosine" if floor == 0.1 else f"cosine_min{floor:g}")
-            if len(records(cosine)) < len(lengths):
+            missing = sorted(set(lengths) - {r["steps"] for r in records(cosine)})  # a finished length is kept
+            if missing:
                 train_sweep("wsd_ladder", out, "scheduler=warmup_cosine", f"scheduler.min_lr_ratio={floor}",
                             "callbacks.branch_points=null",
                             f"model.n_layer={args.depth}", f"seed={args.seeds.split(',')[0]}",
-                            f"trainer.max_steps={','.join(map(str, lengths))}", f"hydra.sweep.dir={cosine}",
+                            f"trainer.max_steps={','.join(map(str, missing))}", f"hydra.sweep.dir={cosine}",
                             "hydra.sweep.subdir=T${trainer.max_steps}", *common)
             compare(ladder, cosine, args.depth, int(args.seeds.split(",")[0]))
     if not args.skip_ladder:

@@ -42,6 +42,8 @@ class FinalStepCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         step = trainer.global_step
+        if trainer.fast_dev_run:  # Lightning's fast dev run saves nothing (debug=fdr)
+            return
         if 0 < trainer.max_steps <= step and self.saved_step != step and not (
                 self.every_n_train_steps and step % self.every_n_train_steps == 0):
             trainer.save_checkpoint(self.staged)

@@ -55,6 +55,7 @@ ONE_BATCH_ARGS = {
     "continued_pretraining": [*ONE_BATCH, "init_from={tiny}"],
     "gutenberg_bpe8k": [*ONE_BATCH, GUTENBERG_SLICE],
     "gutenberg_small": [*ONE_BATCH, GUTENBERG_SLICE],
+    "speedrun_gutenberg": [*ONE_BATCH, GUTENBERG_SLICE],
     "distill": [*ONE_BATCH, GUTENBERG_SLICE, "teacher_ckpt={gutenberg_small}"],
     "quant_ptq": [*QUANTIZE, "ckpt_path={gutenberg_small}"],
     "quant_qat": [*QUANTIZE, "trainer.max_steps=1", "scheduler.warmup_steps=0", "data.batch_size=2",

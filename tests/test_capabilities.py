@@ -47,7 +47,7 @@ def compose_train(conf, *overrides: str):
 
 
 def test_a_family_declared_only_by_its_module_and_yaml_trains_with_its_objective(toy_conf, tmp_path):
-    from lm_lightning.training.run import train
+    from lm_lightning.cli.train import train
 
     cfg = compose_train(toy_conf, *SHORT, f"paths.cache_dir={tmp_path / 'cache'}")
     with open_dict(cfg):  # what Hydra's run does before calling the command

@@ -13,9 +13,8 @@ from lm_lightning.parallel import setup
 from lm_lightning.parallel.setup import build_strategy, check_precision, micro_batch_size
 from lm_lightning.config.app import CONF_DIR
 
-from helpers import REPO, TINY_SCALEOUT, run_cli, run_in_process, step_losses
-
-TINY = TINY_SCALEOUT
+from helpers import REPO, run_cli, run_in_process, step_losses
+from helpers import TINY_SCALEOUT as TINY
 
 
 @pytest.fixture(scope="module")

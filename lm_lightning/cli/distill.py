@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lm_lightning.cli import train as training
 from lm_lightning.compression.distill import DistillationConfig, DistillationTask, check_same_tokenizer
 from lm_lightning.data.tokenizer import Tokenizer
 from lm_lightning.errors import UserError
@@ -51,9 +52,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
 
     # train() builds a DistillationTask instead of its LanguageModelTask; everything else of train() (data,
     # loggers, callbacks, checkpoints, record, summary) is unchanged, the teacher added to the record and banner
-    from lm_lightning.training.run import train
-
-    return train(cfg, task_class=build, extend=extend)
+    return training.train(cfg, task_class=build, extend=extend)
 
 
 def _distillation_task(teacher, tokenizer: Tokenizer, config: DistillationConfig, teacher_ckpt: str,

@@ -93,3 +93,22 @@ def test_login_check_follows_wandb_host(tmp_path, monkeypatch):
     assert tracking.wandb_credentials_present()
     assert tracking.resolve_mode("auto") == "online"
     assert "WANDB_MODE" not in os.environ
+
+
+def test_offline_mode_reaches_the_wandb_session_that_read_the_key(tmp_path, monkeypatch):
+    """``auto`` without a key reads W&B's settings to look for one, then decides offline: the session W&B then
+    uses is offline too (W&B ignores variables set after its session read them, and an online session builds
+    its telemetry exporter for an offline run)."""
+    from wandb.sdk import wandb_setup
+
+    from lm_lightning.tracking import wandb as tracking
+
+    for name in [name for name in os.environ if name.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    wandb_setup.teardown()
+    assert wandb_setup.singleton().settings.mode == "online"  # W&B's default, read before the mode is known
+    assert tracking.resolve_mode("auto") == "offline"
+    assert wandb_setup.singleton().settings.mode == "offline"
+    assert wandb_setup.singleton().settings._offline

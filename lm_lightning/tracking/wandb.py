@@ -56,6 +56,25 @@ def keep_offline(mode: str) -> None:
     if mode in ("offline", "disabled"):
         os.environ["WANDB_MODE"] = mode
         os.environ["WANDB_ERROR_REPORTING"] = "false"  # no Sentry/OpenTelemetry error reports
+        _reread_wandb_settings(mode)
+
+
+def _reread_wandb_settings(mode: str) -> None:
+    """W&B reads its process settings (the mode that decides its telemetry) once per session and ignores later
+    changes to its variables. A session that read them before the mode was known (``wandb_credentials_present`` reads the
+    key from them) is ended, so that the run's session starts from the variables just set: otherwise the process
+    stays online for W&B's own telemetry (it imported requests and built an OpenTelemetry exporter for every
+    offline run, ~0.2 s)."""
+    try:
+        from wandb.sdk import wandb_setup
+    except ImportError:
+        return
+    session = wandb_setup.singleton()
+    settings = session.settings_if_loaded
+    if settings is None or settings.mode == mode:
+        return
+    if session.most_recent_active_run is None:  # a run in progress keeps its session
+        wandb_setup.teardown()
 
 
 def check_mode(mode: str) -> None:

@@ -83,6 +83,13 @@ def test_finetune_command_trains_a_head_and_reports_dev_accuracy(tmp_path, tiny_
         assert params["trainable"] < 0.2 * params["total"], method  # the tiny model: head + method's parameters only
     adapter, full = tmp_path / "lora" / "checkpoints" / "lora_adapter.pt", tmp_path / "lora" / "checkpoints" / "finetuned.ckpt"
     assert adapter.stat().st_size < 0.5 * full.stat().st_size
+    saved = load_checkpoint_file(adapter)  # verified against its SHA-256, read with weights_only=True
+    assert saved["lora"] and saved["pretrained"] == str(ckpt) and saved["peft"]["rank"] == 8
+    data = bytearray(adapter.read_bytes())
+    data[len(data) // 2] ^= 1
+    adapter.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="SHA-256"):
+        load_checkpoint_file(adapter)
     no_layer = run_in_process("finetune", f"ckpt_path={ckpt}", "peft=lora", "peft.targets=[q_proj]", "logger=csv",
                               f"hydra.run.dir={tmp_path / 'nolayer'}", cwd=tmp_path, cache=tmp_path / "cache",
                               check=False)

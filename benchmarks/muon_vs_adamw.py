@@ -3,12 +3,13 @@
 run; then the best learning rate of each optimizer on shakespeare_char again with more seeds (mean, spread).
 
 Each run is ``lm-lightning train experiment=<e> optimizer=<adamw|muon> optimizer.lr=<lr> seed=<s>`` in its own
-process, one at a time, into ``<out>/<e>/<optimizer>-lr<lr>-seed<s>-<steps>steps``; a run whose ``run.json`` already exists is
+process (``--jobs`` at a time, default one), into ``<out>/<e>/<optimizer>-lr<lr>-seed<s>-<steps>steps``; a run whose ``run.json`` already exists is
 read, not rerun, so an interrupted benchmark continues. Both optimizers share everything else: the AdamW half of
 ``optimizer=muon`` uses ``optimizer=adamw``'s betas, eps and weight decay; only the hidden matrices differ.
 
     python benchmarks/muon_vs_adamw.py --out /tmp/bench22/muon                      # the experiments' full lengths
     python benchmarks/muon_vs_adamw.py --out /tmp/bench22/muon --steps gutenberg_small=300 --threads 1
+    python benchmarks/muon_vs_adamw.py --out /tmp/bench22/muon --jobs 2    # two one-thread runs at once (2 cores)
 
 ``--steps e=N`` shortens an experiment to N steps (its warmup scaled by the same factor, one evaluation at the
 end); the table says which lengths ran. Results: ``<out>/results.json`` and ``<out>/table.md``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2], help="seeds of the spread (first: grid)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (num_threads)")
     parser.add_argument("--lrs", nargs="*", default=[], help="optimizer=lr,lr,...: that optimizer's grid")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each its own process of --threads threads)")
     args = parser.parse_args()
     for choice in args.lrs:
         optimizer, values = choice.split("=")
@@ -65,15 +68,19 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     steps = {e: full_steps(e)[0] for e in EXPERIMENTS} | {k: int(v) for k, v in (s.split("=") for s in args.steps)}
 
+    pool = ThreadPoolExecutor(args.jobs)  # each run is a child process: threads only wait for them
+
     def lr_grid(e: str) -> dict[str, dict[float, float]]:
-        return {o: {lr: train(args.out, e, o, lr, args.seeds[0], steps[e], args.threads) for lr in lrs}
+        runs = {o: {lr: pool.submit(train, args.out, e, o, lr, args.seeds[0], steps[e], args.threads) for lr in lrs}
                 for o, lrs in LRS.items()}
+        return {o: {lr: run.result() for lr, run in by_lr.items()} for o, by_lr in runs.items()}
 
     # shakespeare_char's grid and seed spread first: the cheaper runs, and the spread needs only that grid
     grid = {"shakespeare_char": lr_grid("shakespeare_char")}
     best = {"shakespeare_char": {o: min(v, key=v.get) for o, v in grid["shakespeare_char"].items()}}
-    spread = {o: [train(args.out, "shakespeare_char", o, best["shakespeare_char"][o], s, steps["shakespeare_char"],
-                        args.threads) for s in args.seeds] for o in LRS}
+    seeded = {o: [pool.submit(train, args.out, "shakespeare_char", o, best["shakespeare_char"][o], s,
+                              steps["shakespeare_char"], args.threads) for s in args.seeds] for o in LRS}
+    spread = {o: [run.result() for run in runs] for o, runs in seeded.items()}
     for e in EXPERIMENTS[1:]:
         grid[e] = lr_grid(e)
         best[e] = {o: min(v, key=v.get) for o, v in grid[e].items()}

@@ -265,3 +265,23 @@ def test_a_uint16_store_refuses_a_vocabulary_it_cannot_hold():
     assert _token_dtype("uint32", 100) is np.uint32
     with pytest.raises(UserError, match="more than data.corpus.token_dtype=uint16 holds"):
         _token_dtype("uint16", 70_000)
+
+
+def test_a_checkpoint_folder_replaces_the_one_at_its_path_which_is_kept_as_prev(tmp_path):
+    from lm_lightning.training.checkpoint_io import replace_folder
+
+    path = tmp_path / "last.ckpt"
+    for n in range(3):
+        new = tmp_path / "last.ckpt.tmp"
+        new.mkdir()
+        (new / "meta.pt").write_text(str(n))
+        replace_folder(new, path)
+        assert (path / "meta.pt").read_text() == str(n) and not new.exists()
+        if n:
+            assert (tmp_path / "last.ckpt.prev" / "meta.pt").read_text() == str(n - 1)
+    path.rename(tmp_path / "moved")  # a file checkpoint (with its sidecar) replaced by a folder: the sidecar goes
+    path.write_bytes(b"PK")
+    (tmp_path / "last.ckpt.sha256").write_text("{}")
+    new.mkdir()
+    replace_folder(new, path)
+    assert path.is_dir() and (tmp_path / "last.ckpt.prev").is_file() and not (tmp_path / "last.ckpt.sha256").exists()

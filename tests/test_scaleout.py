@@ -58,6 +58,9 @@ def test_sharded_fsdp2_checkpoint_resumes_with_another_world_size(runs, referenc
         losses = runs(name, "strategy=fsdp2", f"trainer.devices={world}", f"trainer.max_steps={end}",
                       *(["ckpt_path=last"] if leg else []))
         assert (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == world  # one shard per rank
+        # each save goes to a new folder renamed into place, the checkpoint it replaced kept whole beside it
+        assert not last.with_name("last.ckpt.tmp").exists()
+        assert leg == 0 or (last.with_name("last.ckpt.prev") / "meta.pt").is_file()
         if leg:
             restart = legs[leg - 1][1]  # the first step after the restart
             assert abs(losses[restart] - reference[restart]) <= 1e-5, (legs[leg - 1], world, losses[restart])

@@ -8,6 +8,7 @@ purely data-parallel mesh over every process, so it runs on CPU (gloo) as well a
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import MethodType
 from typing import Any
@@ -43,13 +44,24 @@ class FSDP2Strategy(ModelParallelStrategy):
         return super().load_checkpoint(checkpoint_path, weights_only=True)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-        if self._save_distributed_checkpoint:  # written into the folder in place: drop the shards of ranks this run lacks
-            self.barrier("fsdp2_save")  # (a resume with fewer ranks left them; the new metadata no longer names them)
-            if self.global_rank == 0:
-                for shard in Path(filepath).glob("__*_*.distcp"):
-                    if int(shard.name[2:].split("_")[0]) >= self.world_size:
-                        shard.unlink()
+        """A sharded checkpoint is written into ``<name>.tmp`` by every rank and then renamed into place, the one it
+        replaces kept as ``<name>.prev``: a kill while the ranks write leaves the previous checkpoint whole (Lightning
+        writes into the folder in place, over the old shards), and no shard of an earlier, larger world size stays."""
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+            return
+        from lm_lightning.training.checkpoint_io import replace_folder
+
+        path = Path(self.broadcast(str(filepath)))
+        staging = path.with_name(path.name + ".tmp")
+        if self.global_rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # a save that was killed
+        self.barrier("fsdp2_save_start")
+        super().save_checkpoint(checkpoint, staging, storage_options=storage_options)
+        self.barrier("fsdp2_save")
+        if self.global_rank == 0:
+            replace_folder(staging, path)
+        self.barrier("fsdp2_saved")
 
     def setup_environment(self) -> None:
         if self.data_parallel_over_all_processes:  # known only now that the Trainer has set devices and nodes

@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,28 @@ def write_checkpoint_file(data: bytes, path: str | Path) -> None:
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the renames themselves reach the disk
+    finally:
+        os.close(dir_fd)
+
+
+def replace_folder(new: str | Path, path: str | Path) -> None:
+    """Puts the checkpoint folder ``new`` (a sharded checkpoint, written completely) at ``path``; the checkpoint
+    already there is kept as ``<path>.prev``, as :func:`write_checkpoint_file` keeps a file's. Two renames: a kill
+    between them leaves ``.prev`` whole (a folder cannot be swapped in one rename)."""
+    new, path = Path(new), Path(path)
+    previous = _previous(path)
+    if path.exists():
+        if previous.is_dir():
+            shutil.rmtree(previous)
+        else:
+            previous.unlink(missing_ok=True)
+        _sidecar(previous).unlink(missing_ok=True)
+        os.replace(path, previous)
+        _sidecar(path).unlink(missing_ok=True)  # a file checkpoint's sidecar does not describe a folder
+    os.replace(new, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 

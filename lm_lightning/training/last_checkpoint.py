@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lm_lightning.parallel.checkpoint import METADATA, is_sharded
-from lm_lightning.training.checkpoint_io import load_checkpoint_file, write_checkpoint_file
+from lm_lightning.training.checkpoint_io import load_checkpoint_file, replace_folder, write_checkpoint_file
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -53,8 +51,7 @@ class FinalStepCheckpoint(Callback):
         """Replaces ``last.ckpt`` with the staged checkpoint (a file atomically, with its checksum; a sharded folder
         by renaming it)."""
         if self.staged.is_dir():
-            shutil.rmtree(self.path, ignore_errors=True)
-            os.replace(self.staged, self.path)
+            replace_folder(self.staged, self.path)
             return
         write_checkpoint_file(self.staged.read_bytes(), self.path)
         for leftover in (self.staged, self.staged.with_name(self.staged.name + ".sha256")):

@@ -58,6 +58,37 @@ def test_a_numeric_option_of_the_wrong_type_is_named_before_the_run_folder(tmp_p
     assert not run.exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is out of range"),
+    ("trainer.val_check_interval=0.5", "is a fraction of an epoch, but validation here counts steps"),
+    ("trainer.limit_val_batches=-1", "trainer.limit_val_batches=-1 is out of range"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 is out of range"),  # would flip the gradients
+    ("data.num_workers=-1", "data.num_workers=-1 is out of range"),
+    ("data.val_batch_size=-2", "data.val_batch_size=-2 is out of range"),
+    ("num_threads=-1", "num_threads=-1 is out of range"),
+    ("optimizer.betas=[0.9]", "optimizer.betas=[0.9] must be two numbers in [0, 1)"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 is out of range"),
+    ("scheduler.min_lr_ratio=2", "scheduler.min_lr_ratio=2 is out of range"),  # the decay would be a rise
+    ("callbacks.last_checkpoint.every_n_train_steps=-1", "every_n_train_steps=-1 must be a whole number >= 0"),
+    ("model.rope_base=0", "model.rope_base=0 must be a positive number"),  # NaN from the first step
+    ("model.mlp_ratio=0", "model.mlp_ratio=0 must be a positive number"),
+])
+def test_a_value_out_of_its_range_is_named_before_the_run_folder(tmp_path, corpus_cache, override, message):
+    """Values of the right type that Lightning, torch or the DataLoader would refuse deep in the run (a traceback) or,
+    worse, accept: each named with the range it must be in, before the run folder exists."""
+    run = tmp_path / "run"
+    _refused("train", "experiment=tiny", "model.position=rope", override, f"hydra.run.dir={run}", cwd=tmp_path,
+             cache=corpus_cache, unchanged=(corpus_cache,), says=message)
+    assert not run.exists()
+
+
+def test_muon_momentum_out_of_range_is_named_before_the_run_folder(tmp_path, corpus_cache):
+    run = tmp_path / "run"
+    _refused("train", "experiment=tiny", "optimizer=muon", "optimizer.momentum=2", f"hydra.run.dir={run}", cwd=tmp_path,
+             cache=corpus_cache, unchanged=(corpus_cache,), says="optimizer.momentum=2 is out of range")
+    assert not run.exists()
+
+
 def test_wandb_online_without_a_key_is_named_before_the_run_folder(tmp_path, corpus_cache, monkeypatch):
     monkeypatch.setattr("lm_lightning.tracking.wandb.wandb_credentials_present", lambda: False)
     run = tmp_path / "run"

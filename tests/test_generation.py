@@ -271,3 +271,18 @@ def test_generate_text_cuts_at_the_first_stop_string_and_runs_beam_search():
     beam = generate_text(model, tokenizer, "the cat", max_new_tokens=12, beam_width=3, eos_id=-1)
     prompt = torch.tensor([tokenizer.encode("the cat")])
     assert beam == tokenizer.decode(beam_search(model, prompt, 12, beam_width=3, eos_id=-1)[0, prompt.size(1):].tolist())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_model_with_non_finite_logits_is_named_not_sampled(temperature):
+    """A diverged model (NaN weights) is refused in one UserError, not torch.multinomial's error (or, greedy, a sample
+    of argmax over NaNs); the run's end-of-run sample then records none (training/run.py)."""
+    from lm_lightning.errors import UserError
+    from lm_lightning.generation.sampling import NonFiniteLogits
+
+    model = tiny()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLogits, match="not finite") as err:
+        generate(model, PROMPT, max_new_tokens=3, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    assert isinstance(err.value, UserError)

@@ -158,6 +158,9 @@ def plain(cfg: Any) -> Any:
 
 
 def set_threads(num_threads: int | None) -> None:
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0):
+        raise UserError(f"num_threads={num_threads!r} is out of range: it must be a whole number >= 0 "
+                        "(0 or null: torch's default)")
     if num_threads:
         import torch  # here, not at the top: a command refused before it runs never loads torch
 

@@ -55,6 +55,7 @@ def check_train_config(cfg: DictConfig) -> None:
     if scheduler and "total_steps" in scheduler and scheduler.total_steps <= scheduler.get("warmup_steps", 0):
         raise UserError(f"scheduler.total_steps={scheduler.total_steps} must exceed "
                         f"scheduler.warmup_steps={scheduler.warmup_steps} (shorten the warmup for short runs)")
+    check_ranges(cfg)
     check_logger_modes(cfg.get("logger"))
     if isinstance(cfg.get("sample"), DictConfig):  # the sample at the end of the run: refused now, not after training
         from lm_lightning.generation.sampling import check_sampling_options
@@ -67,6 +68,71 @@ def check_train_config(cfg: DictConfig) -> None:
     if dtype == "uint16" and tokenizer.get("type") != "char" and tokenizer.get("vocab_size", 0) > 65536:
         raise UserError(f"tokenizer.vocab_size={tokenizer.vocab_size} does not fit data.corpus.token_dtype=uint16 "
                         "(ids up to 65535): use token_dtype=uint32 or auto, or a smaller vocabulary")
+
+
+def _count_or_fraction(value: float, least_count: int) -> bool:
+    """Lightning's "how many batches": a whole count (at least ``least_count``) or a fraction of the epoch (in (0, 1]
+    where the count must be at least 1, in [0, 1] where 0 is allowed)."""
+    if isinstance(value, int):
+        return value >= least_count
+    return 0 < value <= 1 if least_count else 0 <= value <= 1
+
+
+# option: (test, what the value must be); None always passes (the option is off or takes its default)
+RANGES = {
+    "trainer.limit_train_batches": (lambda v: _count_or_fraction(v, 0), "a whole number >= 0 or a fraction in [0, 1]"),
+    "trainer.limit_val_batches": (lambda v: _count_or_fraction(v, 0), "a whole number >= 0 or a fraction in [0, 1]"),
+    "trainer.limit_test_batches": (lambda v: _count_or_fraction(v, 0), "a whole number >= 0 or a fraction in [0, 1]"),
+    "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 (0 or null: no clipping)"),
+    "data.val_batch_size": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0 (0 or null: data.batch_size)"),
+    "data.num_workers": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0 (0: load in the main process)"),
+    "num_threads": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0 (0 or null: torch's default)"),
+    "optimizer.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "optimizer.eps": (lambda v: v > 0, "a number > 0"),
+    "optimizer.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "scheduler.min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1] (the final lr as a share of the peak)"),
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Numbers outside the range their option means something in (each named with what to give): Lightning, torch
+    or the DataLoader would otherwise fail deep in the run, or worse, accept them (a negative clip value flips
+    the gradients, a min_lr_ratio above 1 makes the decay a rise)."""
+    for name, (test, must) in RANGES.items():
+        value = OmegaConf.select(cfg, name, default=None, throw_on_resolution_failure=False)
+        if value is None or isinstance(value, (DictConfig, ListConfig)):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
+            raise UserError(f"{name}={value!r} is out of range: it must be {must}")
+    _check_val_interval(cfg)
+    betas = OmegaConf.select(cfg, "optimizer.betas", default=None, throw_on_resolution_failure=False)
+    if betas is not None and not (isinstance(betas, ListConfig) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise UserError(f"optimizer.betas={_plain(betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    for name, node in (cfg.get("callbacks") or {}).items():
+        every = node.get("every_n_train_steps") if isinstance(node, DictConfig) else None
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+            raise UserError(f"callbacks.{name}.every_n_train_steps={every!r} must be a whole number >= 0 (0: off)")
+
+
+def _check_val_interval(cfg: DictConfig) -> None:
+    """``trainer.val_check_interval``: steps (a whole number >= 1), a fraction of an epoch in (0, 1] where
+    validation counts epochs (``check_val_every_n_epoch`` set), or Lightning's time-based durations (text, a dict)."""
+    value = OmegaConf.select(cfg, "trainer.val_check_interval", default=None, throw_on_resolution_failure=False)
+    if value is None or isinstance(value, (str, DictConfig)):
+        return
+    by_epoch = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch", default=None, throw_on_resolution_failure=False)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _count_or_fraction(value, 1):
+        raise UserError(f"trainer.val_check_interval={value!r} is out of range: it must be a whole number of steps "
+                        ">= 1 (or a fraction of an epoch in (0, 1] with trainer.check_val_every_n_epoch set)")
+    if isinstance(value, float) and by_epoch is None:
+        raise UserError(f"trainer.val_check_interval={value} is a fraction of an epoch, but validation here counts "
+                        "steps across epochs (trainer.check_val_every_n_epoch=null): give a whole number of steps, "
+                        "or set trainer.check_val_every_n_epoch=1")
+
+
+def _plain(value: object) -> object:
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def check_logger_modes(loggers: DictConfig | None) -> None:

@@ -25,6 +25,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+class NonFiniteLogits(UserError):
+    """The model gives NaN or Inf logits: nothing can be sampled from it."""
+
+
 def check_sampling_options(options: dict, prefix: str = "") -> None:
     """Ranges of the decoding options present in ``options`` (``prefix``: how the user names them, e.g.
     ``sample.``); a value outside its range would otherwise decode silently or fail deep in torch."""
@@ -76,6 +80,9 @@ def generate(
             logits = model(pending, caches)[:, -1]
         else:
             logits = model(idx[:, -block_size:])[:, -1]
+        if logits.isnan().any() or logits.isposinf().any() or logits.isneginf().all(-1).any():  # -inf alone: masked
+            raise NonFiniteLogits("the model's next-token logits are not finite (NaN or Inf): its weights diverged or a "
+                                  "model option makes them so; sample from an earlier checkpoint")
         if temperature == 0:
             next_id = logits.argmax(-1, keepdim=True)
         else:

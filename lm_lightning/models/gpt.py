@@ -24,7 +24,12 @@ from lm_lightning.models.layers import (
     scale_residual_projections,
     sinusoidal_table,
 )
-from lm_lightning.models.options import require_block_options, require_choice, require_positive_ints
+from lm_lightning.models.options import (
+    require_block_options,
+    require_choice,
+    require_positive_ints,
+    require_positive_numbers,
+)
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5", "none")
 PARAMETRIZATIONS = ("standard", "mup")
@@ -78,6 +83,7 @@ class GPTConfig:
         if self.parametrization == "mup" and self.mup_base_width % self.n_head:
             raise UserError(f"model.n_head={self.n_head} does not divide model.mup_base_width={self.mup_base_width}: "
                             "mup scales attention from the head size of the base width; choose one it divides")
+        require_positive_numbers(self, "rope_base")  # 0 or less: inverse frequencies of inf, then NaN everywhere
         rotated = self.rotary_dims()
         if self.position == "rope" and not (0 < self.rope_fraction <= 1 and rotated >= 2 and rotated % 2 == 0):
             raise UserError(f"model.position=rope turns int(head size {self.n_embd // self.n_head} x model.rope_fraction="

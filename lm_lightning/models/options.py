@@ -8,7 +8,7 @@ import numbers
 from collections.abc import Collection
 
 from lm_lightning.errors import UserError
-from lm_lightning.models.layers import ACTIVATIONS, NORM_POSITIONS, NORMS
+from lm_lightning.models.layers import ACTIVATIONS, NORM_POSITIONS, NORMS, hidden_width
 
 
 def require_positive_ints(config: object, *names: str) -> None:
@@ -16,6 +16,16 @@ def require_positive_ints(config: object, *names: str) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
             raise UserError(f"model.{name}={value!r} must be a positive integer")
+
+
+def require_positive_numbers(config: object, *names: str) -> None:
+    """Each option is a finite number above 0 (an option set to None, where its default is None, is skipped)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+            raise UserError(f"model.{name}={value!r} must be a positive number")
 
 
 def require_choice(config: object, name: str, choices: Collection[str]) -> None:
@@ -38,6 +48,10 @@ def require_block_options(config: object) -> None:
     for name, choices in (("norm", NORMS), ("norm_position", NORM_POSITIONS), ("activation", ACTIVATIONS)):
         require_choice(config, name, choices)
     require_dropout(config)
+    require_positive_numbers(config, "mlp_ratio", "norm_eps")
+    if getattr(config, "mlp_hidden", None) is None and hidden_width(config.n_embd, config.mlp_ratio, config.activation) < 1:
+        raise UserError(f"model.mlp_ratio={config.mlp_ratio} gives a feed-forward of no units at model.n_embd="
+                        f"{config.n_embd}: choose a larger ratio")
     if config.n_experts < 0:
         raise UserError(f"model.n_experts={config.n_experts} must be 0 (dense) or more")
     if config.n_experts and not 1 <= config.moe_top_k <= config.n_experts:

@@ -21,6 +21,7 @@ from lm_lightning.models.capabilities import family_of
 from lm_lightning.config.checks import check_train_config
 from lm_lightning.data.datamodule import LMDataModule
 from lm_lightning.generation import generate_text, is_generative
+from lm_lightning.generation.sampling import NonFiniteLogits
 from lm_lightning.parallel.setup import build_strategy, check_precision, micro_batch_size, world_size
 from lm_lightning.config.app import instantiate_group, plain, run_identity, set_threads
 from lm_lightning.training.loading import resolve_checkpoint
@@ -130,7 +131,11 @@ def _sample(cfg: DictConfig, task: LanguageModelTask, tokenizer) -> str | None:
         # a sharded model's forward needs every rank (sample from the checkpoint instead); encoders do not generate
         return None
     generator = torch.Generator().manual_seed(cfg.seed)
-    return generate_text(
-        task.model, tokenizer, cfg.sample.prompt, max_new_tokens=cfg.sample.max_new_tokens,
-        temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p, generator=generator,
-    )
+    try:
+        return generate_text(
+            task.model, tokenizer, cfg.sample.prompt, max_new_tokens=cfg.sample.max_new_tokens,
+            temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p, generator=generator,
+        )
+    except NonFiniteLogits as err:  # a diverged run still ends with its record, plot and tracker summary
+        log.warning("no sample: %s", err)
+        return None

@@ -82,6 +82,19 @@ def test_a_value_out_of_its_range_is_named_before_the_run_folder(tmp_path, corpu
     assert not run.exists()
 
 
+@pytest.mark.parametrize("command, override, message", [
+    ("scaling plan", "scaling.compute_budget=abc", "scaling.compute_budget='abc' must be training FLOPs, a number > 0"),
+    ("scaling plan", "scaling.tokens_per_param=0", "scaling.tokens_per_param=0 is out of range"),
+    ("train", "scaling.aspect_ratio=-2", "scaling.aspect_ratio=-2 is out of range"),
+])
+def test_scaling_options_out_of_range_are_named(tmp_path, corpus_cache, command, override, message):
+    run = tmp_path / "run"  # scaling plan writes nothing anywhere (its run folder is ".")
+    where = ["experiment=tiny", f"hydra.run.dir={run}"] if command == "train" else ["scaling.compute_budget=1e13"]
+    _refused(*command.split(), *where, "scaling.aspect_ratio=32", override, cwd=tmp_path, cache=corpus_cache,
+             unchanged=(corpus_cache,), says=message)
+    assert not run.exists()
+
+
 def test_muon_momentum_out_of_range_is_named_before_the_run_folder(tmp_path, corpus_cache):
     run = tmp_path / "run"
     _refused("train", "experiment=tiny", "optimizer=muon", "optimizer.momentum=2", f"hydra.run.dir={run}", cwd=tmp_path,

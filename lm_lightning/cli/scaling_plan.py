@@ -8,11 +8,12 @@ from omegaconf import DictConfig, OmegaConf
 from lm_lightning.errors import UserError
 from lm_lightning.parallel.setup import world_size
 from lm_lightning.config.app import hydra_command
-from lm_lightning.scaling.budget import Plan, describe_plan, plan_budget
+from lm_lightning.scaling.budget import Plan, check_scaling_options, describe_plan, plan_budget
 
 
 def scaling_plan(cfg: DictConfig) -> Plan:
     scaling = cfg.scaling
+    check_scaling_options(scaling)
     if not scaling.compute_budget:
         raise UserError("scaling plan needs scaling.compute_budget=<training FLOPs>")
     tokens_per_step = (cfg.data.batch_size * cfg.model.block_size * cfg.trainer.accumulate_grad_batches

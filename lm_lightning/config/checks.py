@@ -26,6 +26,7 @@ UNKNOWN_VOCABULARY = 2**31 - 1  # the tokenizer's vocabulary is known once the c
 
 def check_train_config(cfg: DictConfig) -> None:
     """Types and ranges of the main options; raises on the first problem found."""
+    from lm_lightning.scaling.budget import check_scaling_options
     from lm_lightning.training.setup import check_init_from_fits, check_resume_fits
 
     model, data, trainer = cfg.model, cfg.data, cfg.trainer
@@ -56,6 +57,7 @@ def check_train_config(cfg: DictConfig) -> None:
         raise UserError(f"scheduler.total_steps={scheduler.total_steps} must exceed "
                         f"scheduler.warmup_steps={scheduler.warmup_steps} (shorten the warmup for short runs)")
     check_ranges(cfg)
+    check_scaling_options(cfg.get("scaling"))
     check_logger_modes(cfg.get("logger"))
     if isinstance(cfg.get("sample"), DictConfig):  # the sample at the end of the run: refused now, not after training
         from lm_lightning.generation.sampling import check_sampling_options

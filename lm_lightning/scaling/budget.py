@@ -56,6 +56,20 @@ def model_figures(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
     return model.parameter_count().non_embedding, model.flops_per_token()
 
 
+def check_scaling_options(scaling: Mapping[str, Any] | None) -> None:
+    """The ``scaling`` options are numbers in their ranges (null: off): named before a run folder exists, not a
+    float() error at the start of the run."""
+    rules = {"compute_budget": (float, "training FLOPs, a number > 0"), "tokens_per_param": (float, "a number > 0"),
+             "aspect_ratio": (float, "a number > 0 (width / depth)"), "head_size": (int, "a whole number > 0")}
+    for name, (kind, must) in rules.items():
+        value = (scaling or {}).get(name)
+        if value is None:
+            continue
+        typed = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+        if not typed or not 0 < value < math.inf:
+            raise UserError(f"scaling.{name}={value!r} {'is out of range: it ' if typed else ''}must be {must}")
+
+
 def plan_budget(model_cfg: Mapping[str, Any], budget: float, tokens_per_step: int, aspect_ratio: float | None = None,
                 head_size: int = 32, tokens_per_param: float | None = None, max_layers: int = 48) -> Plan:
     """The steps (and, with ``tokens_per_param``, the depth) that spend ``budget`` training FLOPs.

@@ -242,3 +242,9 @@ def test_mup_with_what_it_cannot_scale_is_refused_before_the_run_folder(tmp_path
     _refused("train", "experiment=tiny", *overrides, f"hydra.run.dir={run}", cwd=tmp_path, cache=corpus_cache,
              unchanged=(corpus_cache,), says=says)
     assert not run.exists()
+
+
+def test_a_negative_training_row_limit_is_refused_not_sliced(tmp_path, corpus_cache, tiny_checkpoint):
+    """``task.max_train_examples=-1`` sliced all but one row ([:-1]) and trained on them; it is a count or null."""
+    _refused("finetune", f"ckpt_path={tiny_checkpoint}", "task.max_train_examples=-1", f"hydra.run.dir={tmp_path / 'ft'}",
+             cwd=tmp_path, cache=corpus_cache, unchanged=(corpus_cache,), says="task.max_train_examples=-1 must be")

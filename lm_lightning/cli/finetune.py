@@ -31,6 +31,10 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"init={cfg.init!r}: choose pretrained or scratch")
     if cfg.task.name not in TASKS:
         raise UserError(f"task={cfg.task.name!r}: choose one of {', '.join(TASKS)}")
+    limit = cfg.task.get("max_train_examples")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        # a negative count would slice rows off the end ([:-1] is all but one) rather than limit them
+        raise UserError(f"task.max_train_examples={limit!r} must be a whole number >= 1 (null: every row)")
     pretrained, tokenizer = load_trained(cfg.ckpt_path)
     model_cfg = dict(pretrained.hparams.model)
     family = family_of(model_cfg)  # a bidirectional recurrent checkpoint is "bidirectional <cell>"

@@ -88,3 +88,5 @@ def test_identity_and_errors(tokenizers, tmp_path):
         train_tokenizer(["x"], {"type": "wordpiece"}, tmp_path / "x")
     with pytest.raises(UserError, match="vocab_size"):
         train_tokenizer(_paragraphs(TRAIN[:2000]), {"type": "unigram", "vocab_size": 50_000, "verbose": False}, tmp_path / "big")
+    with pytest.raises(UserError, match="vocab_size=3 leaves no learned pieces: 5 are reserved"):
+        train_tokenizer(_paragraphs(TRAIN[:2000]), {"type": "bpe", "vocab_size": 3}, tmp_path / "small")  # was "no training text"

@@ -88,15 +88,22 @@ def train_tokenizer(docs: Iterable[str], cfg: Mapping, model_prefix: Path) -> Pa
         # (past Python's sys.stderr): errors only unless tokenizer.verbose=true asks for them
         minloglevel=0 if cfg.get("verbose", False) else 2,
     )
+    reserved = len(_META_PIECES) + len(options["user_defined_symbols"])
+    if kind not in ("char", "word") and options["vocab_size"] <= reserved:
+        raise UserError(f"tokenizer.vocab_size={options['vocab_size']} leaves no learned pieces: {reserved} are reserved "
+                        f"(<pad>, <unk>, <s>, </s>, the newline and special tokens), and a {kind} vocabulary also needs "
+                        "every character of the text: choose a few hundred or more")
     if kind == "char":
         # Every character seen becomes a piece; vocab_size is only an upper bound here.
         options.update(vocab_size=1 << 20, hard_vocab_limit=False, use_all_vocab=True)
     elif kind == "word":
         options.update(hard_vocab_limit=False)  # the most frequent words, up to vocab_size
     spm.set_random_generator_seed(int(cfg.get("seed", 0)))
+    lines = _training_lines(docs, options["max_sentence_length"])
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=_training_lines(docs, options["max_sentence_length"]), **options)
+        spm.SentencePieceTrainer.train(sentence_iterator=lines, **options)
     except RuntimeError as e:
+        lines.close()  # its progress bar ends its line, so the error line starts one
         message = str(e).split("] ", 1)[-1].strip() or "no training text"
         raise UserError(f"tokenizer training failed: {message} (check tokenizer.vocab_size, "
                         f"tokenizer.character_coverage and that the train split has text)") from None
@@ -151,15 +158,16 @@ def _training_lines(docs: Iterable[str], max_bytes: int = 16384) -> Iterator[str
     """The documents' lines; a line over ``max_bytes`` UTF-8 bytes is cut in pieces that fit (on character
     boundaries), since sentencepiece silently skips longer sentences (a text of long lines left it none)."""
     total = len(docs) if isinstance(docs, Sequence) else None
-    for doc in tqdm(docs, total=total, desc="tokenizer: reading training documents", unit="doc"):
-        for line in doc.split(NEWLINE):
-            data = line.encode("utf-8")
-            while len(data) > max_bytes:
-                piece = data[:max_bytes].decode("utf-8", errors="ignore")  # drops a character cut in two
-                yield piece
-                data = data[len(piece.encode("utf-8")):]
-            if data:
-                yield data.decode("utf-8")
+    with tqdm(docs, total=total, desc="tokenizer: reading training documents", unit="doc") as bar:
+        for doc in bar:
+            for line in doc.split(NEWLINE):
+                data = line.encode("utf-8")
+                while len(data) > max_bytes:
+                    piece = data[:max_bytes].decode("utf-8", errors="ignore")  # drops a character cut in two
+                    yield piece
+                    data = data[len(piece.encode("utf-8")):]
+                if data:
+                    yield data.decode("utf-8")
 
 
 class Tokenizer:

@@ -248,3 +248,23 @@ def test_a_negative_training_row_limit_is_refused_not_sliced(tmp_path, corpus_ca
     """``task.max_train_examples=-1`` sliced all but one row ([:-1]) and trained on them; it is a count or null."""
     _refused("finetune", f"ckpt_path={tiny_checkpoint}", "task.max_train_examples=-1", f"hydra.run.dir={tmp_path / 'ft'}",
              cwd=tmp_path, cache=corpus_cache, unchanged=(corpus_cache,), says="task.max_train_examples=-1 must be")
+
+
+def test_a_config_file_that_is_not_yaml_is_one_line_with_its_place(tmp_path, corpus_cache):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "broken.yaml").write_text("defaults:\n  - train\n  - _self_\nmodel: [unclosed\n")
+    _refused("train", "--config-dir", str(configs), "--config-name", "broken", cwd=tmp_path, cache=corpus_cache,
+             says=f"config file {configs / 'broken.yaml'} is not valid YAML: expected ',' or ']'")
+    _refused("train", "--config-dir", str(tmp_path / "nowhere"), "--config-name", "broken", cwd=tmp_path,
+             cache=corpus_cache, says="not found: pass --config-dir <an existing folder of configs>")
+
+
+@pytest.mark.parametrize("where", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path, corpus_cache, where):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    _refused("train", *(["-m"] if "sweep" in where else []), "experiment=tiny", f"{where}={blocker / 'run'}",
+             cwd=tmp_path, cache=corpus_cache, unchanged=(corpus_cache,),
+             says=f"cannot create the output folder {blocker / 'run'}: Not a directory")
+    assert blocker.read_text() == "not a folder"

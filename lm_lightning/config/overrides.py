@@ -76,10 +76,33 @@ def _files_in_play(config_name: str, overrides: list[str]) -> list[str]:
 
 
 def composition_problem(err: BaseException, config_name: str) -> str | None:
-    """One line for Hydra's composition error ``err`` (an unknown key, a missing group option); None for others."""
-    if type(err).__name__ not in COMPOSITION_ERRORS or not type(err).__module__.startswith("hydra"):
+    """One line for an error of composing the config or starting its job: Hydra's composition errors (an unknown key,
+    a missing group option), a config file that is not YAML, a ``--config-dir`` that does not exist, a run folder
+    that cannot be created. None for others (errors of the job itself)."""
+    name, module = type(err).__name__, type(err).__module__
+    if name == "SearchPathException" and module.startswith("hydra"):
+        return f"{err}: pass --config-dir <an existing folder of configs>"
+    if (mark := getattr(err, "problem_mark", None)) is not None and module.startswith("yaml"):
+        return (f"config file {mark.name} is not valid YAML: {err.problem} at line {mark.line + 1}, column "
+                f"{mark.column + 1}")
+    if isinstance(err, OSError) and _raised_making_the_job_folder(err):
+        return (f"cannot create the output folder {err.filename}: {err.strerror} (set hydra.run.dir, or hydra.sweep.dir "
+                "with -m, to a folder that can be created)")
+    if name not in COMPOSITION_ERRORS or not module.startswith("hydra"):
         return None
     return _one_line(err, config_name)
+
+
+def _raised_making_the_job_folder(err: OSError) -> bool:
+    """Whether ``err`` came from Hydra creating an output folder (the run or sweep folder, or its ``.hydra`` files):
+    the innermost frame outside pathlib is Hydra's, not the job's."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    inner = [name for name in frames if not name.endswith("pathlib.py")]
+    return bool(inner) and f"{os.sep}hydra{os.sep}" in inner[-1] and "site-packages" in inner[-1]
 
 
 def missing_values_problem(cfg: DictConfig, config_name: str) -> str | None:

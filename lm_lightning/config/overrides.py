@@ -80,17 +80,17 @@ def composition_problem(err: BaseException, config_name: str) -> str | None:
     a missing group option), a config file that is not YAML, a ``--config-dir`` that does not exist, a run folder
     that cannot be created. None for others (errors of the job itself)."""
     name, module = type(err).__name__, type(err).__module__
+    if name in COMPOSITION_ERRORS and module.startswith("hydra"):  # first: MissingConfigException is an OSError
+        return _one_line(err, config_name)
     if name == "SearchPathException" and module.startswith("hydra"):
         return f"{err}: pass --config-dir <an existing folder of configs>"
     if (mark := getattr(err, "problem_mark", None)) is not None and module.startswith("yaml"):
         return (f"config file {mark.name} is not valid YAML: {err.problem} at line {mark.line + 1}, column "
                 f"{mark.column + 1}")
-    if isinstance(err, OSError) and _raised_making_the_job_folder(err):
+    if isinstance(err, OSError) and err.filename and _raised_making_the_job_folder(err):
         return (f"cannot create the output folder {err.filename}: {err.strerror} (set hydra.run.dir, or hydra.sweep.dir "
                 "with -m, to a folder that can be created)")
-    if name not in COMPOSITION_ERRORS or not module.startswith("hydra"):
-        return None
-    return _one_line(err, config_name)
+    return None
 
 
 def _raised_making_the_job_folder(err: OSError) -> bool:

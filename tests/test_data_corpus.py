@@ -173,3 +173,29 @@ def test_omegaconf_configs_give_the_same_entry_as_plain_dicts(base, cache):
 
     same = prepare_corpus(OmegaConf.create(DATA), OmegaConf.create(TOKENIZER), cache)
     assert same.directory == base.directory
+
+
+def test_a_damaged_document_index_is_named_not_loaded(base, tmp_path):
+    """``<split>.idx.npy`` (document starts, read by recurrent streams and document-aware loaders): garbage, a pickle
+    or offsets past the tokens are refused with the file and the fix, the good one is returned as written."""
+    import shutil
+
+    from lm_lightning.data.prepared_corpus import PreparedCorpus
+    from lm_lightning.errors import UserError
+
+    copy = tmp_path / base.directory.name
+    shutil.copytree(base.directory, copy)
+    corpus = PreparedCorpus(copy, copy / base.tokenizer_path.name, base.metadata)
+    good = corpus.document_starts("train")
+    assert good[0] == 0 and (np.diff(good) > 0).all()
+    index = copy / "train.idx.npy"
+    for damage in (b"garbage", None):
+        if damage is None:  # a well-formed array that does not fit the tokens
+            np.save(index, good + corpus.num_tokens("train"))
+        else:
+            index.write_bytes(damage)
+        with pytest.raises(UserError, match=f"document index {index} .*delete {copy}"):
+            corpus.document_starts("train")
+    np.save(index, np.array([{"x": 1}], dtype=object), allow_pickle=True)  # a pickle is never loaded
+    with pytest.raises(UserError, match="unreadable"):
+        corpus.document_starts("train")

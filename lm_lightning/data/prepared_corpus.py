@@ -51,8 +51,22 @@ class PreparedCorpus:
         return np.memmap(path, dtype=self.metadata["dtype"], mode="r")
 
     def document_starts(self, split: str) -> np.ndarray:
-        """Token offset of each document's first token, shape ``(documents,)``, int64."""
-        return np.load(self.directory / self._split(split)["index_file"])
+        """Token offset of each document's first token, shape ``(documents,)``, int64; an index file that is
+        unreadable or does not fit the token file is refused, naming it."""
+        path = self.directory / self._split(split)["index_file"]
+        try:
+            starts = np.load(path)  # allow_pickle=False: numbers only
+        except (OSError, ValueError, EOFError) as err:
+            problem = f"is unreadable ({type(err).__name__}: {err})"
+        else:
+            tokens = self.num_tokens(split)
+            fits = starts.ndim == 1 and starts.dtype == np.int64 and (
+                starts.size == 0 or (starts[0] >= 0 and starts[-1] < max(tokens, 1) and bool(np.all(np.diff(starts) >= 0))))
+            if fits:
+                return starts
+            problem = f"does not index the {tokens:,} tokens of {split}"
+        raise UserError(f"document index {path} {problem}: delete {self.directory} (or prepare with force=true) "
+                        "to rebuild it")
 
     def num_tokens(self, split: str) -> int:
         return self._split(split)["tokens"]

@@ -25,7 +25,7 @@ from lm_lightning.models.gpt import build_gpt
 from lm_lightning.parallel.fsdp2 import FSDP2Strategy, parallelize_fsdp2
 from lm_lightning.tasks.language_model import LanguageModelTask
 from lm_lightning.tracking.callbacks import ThroughputMonitor, reaches_loggers
-from lm_lightning.training.lightning_internals import batches_processed_in_epoch
+from lm_lightning.training.lightning_internals import align_logged_step, batches_processed_in_epoch
 
 V = 32
 WINDOWS = torch.randint(0, V, (48, 9), generator=torch.Generator().manual_seed(0))  # 12 batches of 4 per epoch
@@ -273,6 +273,29 @@ def test_batches_processed_in_epoch_is_where_lightning_resumes_the_epoch(tmp_pat
     assert resumed.batch_indices[0] == recorder.saved[0], (
         "Lightning's fit_loop.epoch_loop.batch_progress.current.processed no longer says where a resumed epoch "
         "starts: update lm_lightning/training/lightning_internals.py:batches_processed_in_epoch")
+
+
+class LogsAtStep(Callback):
+    """Logs the optimizer step it is at, so the logger's step column can be read against it."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        pl_module.log("at_step", float(trainer.global_step))
+
+
+def test_the_step_metrics_are_logged_at_is_the_counter_align_logged_step_sets(tmp_path):
+    """fit_loop.epoch_loop._batches_that_stepped is the step loggers receive: set to 100 at the first batch's start,
+    that batch's row is logged at step 100."""
+    class SetAtStart(Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+            if trainer.global_step == 0:
+                align_logged_step(trainer)  # 0 here, as at any fresh start
+                trainer.fit_loop.epoch_loop._batches_that_stepped += 100
+
+    logger = Rows()
+    fit(Tiny(), tmp_path, callbacks=[SetAtStart(), LogsAtStep()], max_steps=3, logger=logger, log_every_n_steps=1)
+    assert logger.steps_with("at_step") == {100: 1.0, 101: 2.0, 102: 3.0}, (  # at_step: after the batch's step
+        "Lightning no longer logs at fit_loop.epoch_loop._batches_that_stepped: update "
+        "lm_lightning/training/lightning_internals.py:align_logged_step")
 
 
 def test_fsdp2_strategy_builds_one_data_parallel_dimension_over_every_process(monkeypatch):

@@ -139,6 +139,13 @@ def test_ctrl_c_saves_last_prints_the_resume_line_and_the_resume_continues(tmp_p
     run_in_process("train", *common, f"trainer.max_steps={step + 3}", "ckpt_path=last", cwd=tmp_path,
                    cache=corpus_cache)  # the hint's command, with a nearer end
     assert checkpoint_step(run / "checkpoints" / "last.ckpt") == step + 3
+    # the steps after the interrupt are the uninterrupted run's: the state saved at Ctrl-C is the state of step N
+    whole = tmp_path / "whole"
+    run_in_process("train", *TINY, "scheduler.total_steps=100000", "callbacks.last_checkpoint.every_n_train_steps=20",
+                   f"trainer.max_steps={step + 3}", f"hydra.run.dir={whole}", cwd=tmp_path, cache=corpus_cache)
+    resumed, reference = step_losses(run), step_losses(whole)
+    for s in range(step, step + 3):
+        assert abs(resumed[s] - reference[s]) <= 1e-5, (s, resumed[s], reference[s])
 
 
 @pytest.mark.parametrize("mode", ["skip", "stop"])

@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lm_lightning.parallel.checkpoint import METADATA, is_sharded
+from lm_lightning.training.lightning_internals import align_logged_step
 from lm_lightning.training.checkpoint_io import load_checkpoint_file, replace_folder, write_checkpoint_file
 
 
@@ -56,6 +57,23 @@ class FinalStepCheckpoint(Callback):
         write_checkpoint_file(self.staged.read_bytes(), self.path)
         for leftover in (self.staged, self.staged.with_name(self.staged.name + ".sha256")):
             leftover.unlink(missing_ok=True)
+
+
+class LoggedStepOnResume(Callback):
+    """A resumed run logs its metrics at the optimizer step, whatever the checkpoint it resumed was written from
+    (``lightning_internals.align_logged_step``): set at its first batch, after Lightning's own restore has moved
+    the counter."""
+
+    def __init__(self) -> None:
+        self._pending = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending = bool(trainer.ckpt_path) and pl_module.automatic_optimization and len(trainer.optimizers) == 1
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._pending:
+            align_logged_step(trainer)
+            self._pending = False
 
 
 def save_last(trainer: L.Trainer, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The two Lightning internals this project cannot do without, each behind one function.
+"""The three Lightning internals this project cannot do without, each behind one function.
 
 Lightning has no public API for either; ``tests/test_public_apis.py`` pins each one against the
 installed Lightning, so an upgrade that renames or changes it fails there, naming it, instead of
@@ -28,3 +28,15 @@ def set_data_parallel_degree(strategy: ModelParallelStrategy, size: int) -> None
     known; call this after the Trainer has given the strategy its devices and nodes.
     """
     strategy._data_parallel_size = size
+
+
+def align_logged_step(trainer: L.Trainer) -> None:
+    """Makes the step Lightning logs metrics at (``fit_loop.epoch_loop._batches_that_stepped``) the optimizer step count.
+
+    On resume Lightning adds one to the saved counter, as if every checkpoint were written in ``on_train_batch_end``
+    before the counter moves; a checkpoint written once the loop had stopped (Ctrl-C, where ``train`` saves last.ckpt
+    itself) then made every later step log one step late, leaving a gap in the curves. With one optimizer under
+    automatic optimization the two counts are the same at the start of every batch, so the caller checks that first
+    and calls this at a batch start.
+    """
+    trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step

@@ -31,7 +31,7 @@ from lm_lightning.tracking.records import plot_loss_curves
 from lm_lightning.tracking.training_record import banner_lines, tracker_summary, training_record
 from lm_lightning.training.checkpoint_io import AtomicCheckpointIO
 from lm_lightning.training.job import RULE, Job
-from lm_lightning.training.last_checkpoint import FinalStepCheckpoint, save_last
+from lm_lightning.training.last_checkpoint import FinalStepCheckpoint, LoggedStepOnResume, save_last
 from lm_lightning.training.setup import apply_scaling, objective_config, start_from_checkpoint
 
 log = logging.getLogger("lm_lightning.cli.train")
@@ -89,7 +89,8 @@ def train(cfg: DictConfig, task_class: Callable[..., LanguageModelTask] = Langua
     with Job(cfg, hyperparameters) as job:
         last_every = (cfg.get("callbacks") or {}).get("last_checkpoint") or {}
         final_step = FinalStepCheckpoint(checkpoint_dir / "last.ckpt", last_every.get("every_n_train_steps"))
-        trainer = job.build_trainer(callbacks=[*instantiate_group(cfg.callbacks), final_step], strategy=strategy,
+        trainer = job.build_trainer(callbacks=[*instantiate_group(cfg.callbacks), final_step, LoggedStepOnResume()],
+                                    strategy=strategy,
                                     plugins=[AtomicCheckpointIO()])
         stopped_by_signal = interrupted = False
         try:

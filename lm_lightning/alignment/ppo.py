@@ -43,7 +43,7 @@ from lm_lightning.errors import UserError
 from lm_lightning.config.app import plain, set_threads
 from lm_lightning.training.job import Job
 from lm_lightning.training.loading import load_trained
-from lm_lightning.tracking.records import plt
+from lm_lightning.tracking.records import agg_figure
 
 log = logging.getLogger("lm_lightning")
 
@@ -63,7 +63,8 @@ def load_prompts(cfg: DictConfig, tokenizer, room: int) -> list[list[int]]:
 def plot_curves(history: list[dict[str, float]], kl_target: float | None, kl_budget: float | None, path: Path) -> Path:
     """Score and KL to the reference against the update, as PNG."""
     updates = [row["ppo/update"] for row in history]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), dpi=110, sharex=True)
+    fig = agg_figure(figsize=(7, 6), dpi=110)
+    top, bottom = fig.subplots(2, 1, sharex=True)
     top.plot(updates, [row["ppo/score"] for row in history], linewidth=1.2, label="score (reward)")
     top.plot(updates, [row["ppo/reward"] for row in history], linewidth=1.0, alpha=0.7, label="score − β·KL")
     top.set_ylabel("mean per response")
@@ -79,7 +80,6 @@ def plot_curves(history: list[dict[str, float]], kl_target: float | None, kl_bud
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

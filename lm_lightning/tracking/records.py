@@ -8,10 +8,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no screen on training machines
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -33,7 +29,8 @@ def plot_loss_curves(metrics_csv: str | Path, out_png: str | Path) -> Path | Non
     curves = {k: series[k] for k in ("train/loss", "val/loss") if series.get(k)}
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig = agg_figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.add_subplot()
     for name, points in curves.items():
         steps, values = zip(*points)
         ax.plot(steps, values, label=name, marker="o" if name.startswith("val") else None, linewidth=1.2)
@@ -43,8 +40,18 @@ def plot_loss_curves(metrics_csv: str | Path, out_png: str | Path) -> Path | Non
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png)
-    plt.close(fig)
     return Path(out_png)
+
+
+def agg_figure(**options: Any) -> Any:
+    """A matplotlib Figure on the Agg canvas, without pyplot: no global backend or figure list (nothing to close),
+    and matplotlib is imported only by what plots."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(**options)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def write_run_record(path: str | Path, record: dict[str, Any]) -> Path:

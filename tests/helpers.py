@@ -171,11 +171,12 @@ def offline_wandb_summary(run_dir: Path, key: str):
     """
     import json
 
-    data = next(run_dir.glob("wandb/offline-run-*/run-*.wandb")).read_bytes()
     marker = b"\n" + bytes([len(key)]) + key.encode() + b"\x82\x01"
-    at = data.rfind(marker)
-    if at < 0:
-        raise KeyError(f"{key} not in the W&B summary of {run_dir}")
+    deadline = time.time() + 30  # W&B's service writes the file's last records just after run.finish() returns
+    while (at := (data := next(run_dir.glob("wandb/offline-run-*/run-*.wandb")).read_bytes()).rfind(marker)) < 0:
+        if time.time() > deadline:
+            raise KeyError(f"{key} not in the W&B summary of {run_dir}")
+        time.sleep(0.2)
     i, length, shift = at + len(marker), 0, 0
     while True:  # varint
         byte = data[i]

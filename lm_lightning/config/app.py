@@ -157,10 +157,15 @@ def plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def set_threads(num_threads: int | None) -> None:
+def check_threads(num_threads: int | None) -> None:
+    """``num_threads``: null, or a whole number >= 0 (0 or null: torch's default)."""
     if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0):
         raise UserError(f"num_threads={num_threads!r} is out of range: it must be a whole number >= 0 "
                         "(0 or null: torch's default)")
+
+
+def set_threads(num_threads: int | None) -> None:
+    check_threads(num_threads)
     if num_threads:
         import torch  # here, not at the top: a command refused before it runs never loads torch
 

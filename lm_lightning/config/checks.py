@@ -13,6 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lm_lightning.config.app import check_threads
 from lm_lightning.errors import UserError
 from lm_lightning.models.capabilities import (
     check_blocks_for_sharding,
@@ -88,7 +89,6 @@ RANGES = {
     "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 (0 or null: no clipping)"),
     "data.val_batch_size": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0 (0 or null: data.batch_size)"),
     "data.num_workers": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0 (0: load in the main process)"),
-    "num_threads": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0 (0 or null: torch's default)"),
     "optimizer.weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "optimizer.eps": (lambda v: v > 0, "a number > 0"),
     "optimizer.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -106,6 +106,7 @@ def check_ranges(cfg: DictConfig) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
             raise UserError(f"{name}={value!r} is out of range: it must be {must}")
+    check_threads(cfg.get("num_threads"))  # every command checks it as it sets it; train also before its run folder
     _check_val_interval(cfg)
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None, throw_on_resolution_failure=False)
     if betas is not None and not (isinstance(betas, ListConfig) and len(betas) == 2 and all(

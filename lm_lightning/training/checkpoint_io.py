@@ -139,9 +139,14 @@ def write_checkpoint_file(data: bytes, path: str | Path) -> None:
     _write_sidecar(path, [new, *old])
     os.replace(tmp, path)
     _write_sidecar(path, [new])
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync of a folder: the renames in it themselves reach the disk."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # the renames themselves reach the disk
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
@@ -161,11 +166,7 @@ def replace_folder(new: str | Path, path: str | Path) -> None:
         os.replace(path, previous)
         _sidecar(path).unlink(missing_ok=True)  # a file checkpoint's sidecar does not describe a folder
     os.replace(new, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _sync_folder(path.parent)
 
 
 def checksum_ok(path: str | Path) -> bool:

@@ -4,6 +4,8 @@ source; a changed tokenizer or cleaning config builds a new entry."""
 
 import hashlib
 import math
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import lm_lightning.data.corpus as corpus_module
 from lm_lightning.data.cleaning import clean_documents
 from lm_lightning.data.corpus import prepare_corpus
+from lm_lightning.data.hashing import file_sha256 as real_sha256
 from lm_lightning.data.prepared_corpus import unigram_entropy
 from lm_lightning.data.sources import iter_documents
 from lm_lightning.errors import UserError
@@ -58,6 +61,50 @@ def test_unchanged_config_reuses_the_cache_without_reading_the_source(base, cach
     assert again.directory == base.directory
     assert again.metadata == base.metadata
     assert _entry_state(again) == before
+
+
+def test_a_copy_of_the_source_elsewhere_reuses_the_cache_and_hashes_each_file_once(base, cache, tmp_path, monkeypatch):
+    """The same bytes at another path with another mtime (data copied again to a fresh machine) are the same corpus;
+    the source's SHA-256 is remembered by path, size, mtime and inode, so a second look does not read it again."""
+    copy = tmp_path / "input.txt"
+    copy.write_bytes(SHAKESPEARE.read_bytes())
+    moved = {**DATA, "source": {**DATA["source"], "path": str(copy)}}
+    read = []
+    monkeypatch.setattr("lm_lightning.data.hashing.file_sha256", lambda path: read.append(path) or real_sha256(path))
+    monkeypatch.setattr(corpus_module, "iter_documents", lambda source: pytest.fail("the source was read"))
+    assert prepare_corpus(moved, TOKENIZER, cache).directory == base.directory
+    assert prepare_corpus(moved, TOKENIZER, cache).directory == base.directory
+    assert read == [copy]  # hashed once, then the memo
+    copy.write_bytes(SHAKESPEARE.read_bytes()[:-1] + b"?")  # an edit: read again, a new corpus
+    with pytest.raises(pytest.fail.Exception, match="the source was read"):
+        prepare_corpus(moved, TOKENIZER, cache)
+    assert read == [copy, copy]
+
+
+def test_runs_that_need_the_same_corpus_at_once_prepare_it_once(tmp_path, monkeypatch, caplog):
+    """Two runs starting together (a sweep's jobs, a benchmark's pair) on a cold cache: one prepares the corpus, the
+    other waits for it and reuses it, instead of both spending the minutes."""
+    built, started = [], threading.Event()
+    real_build = corpus_module._build
+
+    def counted_build(*args, **kwargs):
+        built.append(args[0])
+        started.set()
+        time.sleep(0.5)  # the second run arrives while the first is still preparing
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(corpus_module, "_build", counted_build)
+    small = {**DATA, "source": {**DATA["source"], "max_bytes": 20_000}}
+    results = []
+    first = threading.Thread(target=lambda: results.append(prepare_corpus(small, TOKENIZER, tmp_path)))
+    first.start()
+    started.wait(60)
+    with caplog.at_level("INFO", logger="lm_lightning.data.corpus_staging"):
+        second = prepare_corpus(small, TOKENIZER, tmp_path)
+    first.join()
+    assert len(built) == 1
+    assert second.directory == results[0].directory
+    assert "another run is preparing" in caplog.text
 
 
 @pytest.mark.parametrize("change", [
@@ -134,7 +181,7 @@ def test_empty_corpus_raises_and_leaves_the_existing_entry_intact(base, cache, t
         with pytest.raises(UserError, match="corpus is empty"):
             prepare_corpus(data, TOKENIZER, cache)
     assert _entry_state(base) == before
-    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no half-built folders left
+    assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]  # no half-built folders left
 
 
 def test_an_interrupted_build_leaves_no_entry(cache, monkeypatch):
@@ -145,7 +192,7 @@ def test_an_interrupted_build_leaves_no_entry(cache, monkeypatch):
     data = {**DATA, "name": "interrupted"}
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(data, TOKENIZER, cache)
-    assert not [p for p in cache.iterdir() if p.name.startswith((".", "interrupted"))]
+    assert not [p for p in cache.iterdir() if p.name.startswith((".tmp-", "interrupted"))]
 
 
 def test_tokens_are_a_read_only_uint16_memmap(base):

@@ -2,6 +2,7 @@
 their keys say and count what they remove."""
 
 import gzip
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -46,7 +47,7 @@ def test_folder_is_walked_in_sorted_order_and_only_txt_files_are_read(tmp_path):
         (tmp_path / name).write_text(text)
     source = {"kind": "text", "path": str(tmp_path)}
     assert list(iter_documents(source)) == ["A", "B", "C"]
-    assert [f["path"] for f in describe_source(source)["files"]] == [str(tmp_path / n) for n in ("a.txt", "b.txt", "sub/c.txt")]
+    assert [f["name"] for f in describe_source(source)["files"]] == ["a.txt", "b.txt", "sub/c.txt"]
 
 
 @pytest.mark.parametrize("name, opener", [("d.jsonl", open), ("d.jsonl.gz", gzip.open)])
@@ -103,6 +104,21 @@ def test_fingerprint_changes_when_a_file_changes(tmp_path):
     path.write_text("version two, longer")
     os.utime(path, ns=(1, 1))
     assert describe_source({"kind": "text", "path": str(path)}) != before
+
+
+def test_fingerprint_is_the_content_not_the_location_or_mtime(tmp_path):
+    """Data that is copied again (a fresh machine, a re-synced share) or moved keeps its cache key: the key holds
+    the files' names, sizes and SHA-256, not their folder or mtime."""
+    for folder in ("here", "there"):
+        (tmp_path / folder / "sub").mkdir(parents=True)
+        (tmp_path / folder / "a.txt").write_text("first")
+        (tmp_path / folder / "sub" / "b.txt").write_text("second")
+    os.utime(tmp_path / "there" / "a.txt", ns=(10**18, 10**18))
+    here, there = (describe_source({"kind": "text", "path": str(tmp_path / f)}) for f in ("here", "there"))
+    assert here == there
+    assert here["files"][0] == {"name": "a.txt", "size": 5, "sha256": hashlib.sha256(b"first").hexdigest()}
+    (tmp_path / "there" / "sub" / "b.txt").rename(tmp_path / "there" / "b.txt")  # same bytes, another name
+    assert describe_source({"kind": "text", "path": str(tmp_path / "there")}) != here
 
 
 def test_cleaning_steps_follow_their_switches_and_count_removals():

@@ -50,11 +50,12 @@ from lm_lightning.data.corpus_staging import (
     OWNER_FILE,
     SplitWriter,
     Staging,
+    build_lock,
     remove_dead_builds,
     write_owner,
 )
 from lm_lightning.data.dedup import DedupConfig, MinHasher, exact_hash
-from lm_lightning.data.hashing import file_sha256
+from lm_lightning.data.hashing import DigestMemo, file_sha256
 from lm_lightning.data.parallel import batched, ordered_map
 from lm_lightning.data.prepared_corpus import PreparedCorpus
 from lm_lightning.data.report import REPORT_FILE, build_report
@@ -69,6 +70,7 @@ from lm_lightning.errors import UserError
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
+DIGEST_MEMO = "file-digests.json"  # in the cache folder: the source files' SHA-256 by path, size, mtime and inode
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
 
 
@@ -86,7 +88,11 @@ def prepare_corpus(data_cfg: Mapping, tokenizer_cfg: Mapping, cache_dir: str | P
     split_cfg = data_cfg.get("split") or {}
     check_split_cfg(split_cfg)
     tokenizer_key = tokenizer_fingerprint(plain_config(tokenizer_cfg))  # a re-used tokenizer by its content
-    fingerprint = {"format_version": FORMAT_VERSION, "source": describe_source(source), "cleaning": plain_config(cleaning),
+    cache_dir = Path(cache_dir).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    digests = DigestMemo(cache_dir / DIGEST_MEMO)
+    source_key = describe_source(source, digests.sha256)  # the files by their content, not their path or mtime
+    fingerprint = {"format_version": FORMAT_VERSION, "source": source_key, "cleaning": plain_config(cleaning),
                    "dedup": dedup, "split": plain_config(split_cfg), "tokenizer": tokenizer_key}
     token_dtype = data_cfg.get("token_dtype") or "auto"
     if token_dtype not in TOKEN_DTYPES:
@@ -94,22 +100,37 @@ def prepare_corpus(data_cfg: Mapping, tokenizer_cfg: Mapping, cache_dir: str | P
     if token_dtype != "auto":  # auto keeps the keys of caches built before the option existed
         fingerprint["token_dtype"] = token_dtype
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    cache_dir = Path(cache_dir).expanduser()
     entry = cache_dir / f"{data_cfg.get('name', 'corpus')}-{key[:12]}"
-    if (entry / "metadata.json").is_file() and not force:
-        if (problem := _entry_problem(entry)) is None:
-            log.info("reusing cached corpus at %s", entry)
-            return open_prepared(entry)
-        # a damaged entry (cut short, edited) is rebuilt: _publish moves it aside once the new one is ready
-        log.warning("cached corpus %s is damaged (%s): preparing it again", entry, problem)
+    digests.save()
+    if not force and (cached := _reuse(entry)):
+        return cached
+    with build_lock(entry):  # runs that need the same corpus at once: one prepares it, the others wait and reuse it
+        if not force and (cached := _reuse(entry)):
+            return cached
+        return _prepare(entry, source, cleaning, dedup, split_cfg, tokenizer_cfg, {**fingerprint, "key": key}, num_proc)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
+
+def _reuse(entry: Path) -> PreparedCorpus | None:
+    """The cached corpus at ``entry`` if it is there and whole; None when it must be prepared."""
+    if not (entry / "metadata.json").is_file():
+        return None
+    if (problem := _entry_problem(entry)) is None:
+        log.info("reusing cached corpus at %s", entry)
+        return open_prepared(entry)
+    # a damaged entry (cut short, edited) is rebuilt: _publish moves it aside once the new one is ready
+    log.warning("cached corpus %s is damaged (%s): preparing it again", entry, problem)
+    return None
+
+
+def _prepare(entry: Path, source: Mapping, cleaning: Mapping, dedup: Mapping, split_cfg: Mapping, tokenizer_cfg: Mapping,
+             metadata: dict, num_proc: int) -> PreparedCorpus:
+    cache_dir = entry.parent
     remove_dead_builds(cache_dir)
     build = cache_dir / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     build.mkdir()
     write_owner(build)
     try:
-        _build(build, source, cleaning, dedup, split_cfg, tokenizer_cfg, {**fingerprint, "key": key}, num_proc)
+        _build(build, source, cleaning, dedup, split_cfg, tokenizer_cfg, metadata, num_proc)
         (build / OWNER_FILE).unlink()
         _publish(build, entry)
     finally:

@@ -6,6 +6,7 @@ split's token ids to ``<split>.bin`` (with its document index and SHA-256) as to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
 import numpy as np
 
 from lm_lightning.data.dedup import DedupConfig, exact_duplicates, near_duplicates
@@ -22,6 +24,24 @@ from lm_lightning.data.dedup import DedupConfig, exact_duplicates, near_duplicat
 log = logging.getLogger(__name__)
 
 OWNER_FILE = "owner.json"  # in a build folder (.tmp-<entry>-<pid>-<rand>): the machine and process building it
+
+
+@contextlib.contextmanager
+def build_lock(entry: Path) -> Iterator[None]:
+    """Held while ``entry`` is prepared: a second run that needs the same corpus waits here (saying so) and then
+    reuses the first one's result instead of preparing it again beside it. An OS lock (``filelock``) on
+    ``.locks/<entry>.lock`` in the cache, let go when its holder ends, killed or not."""
+    (locks := entry.parent / ".locks").mkdir(exist_ok=True)
+    lock = filelock.FileLock(locks / f"{entry.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.info("another run is preparing %s: waiting for it, to reuse its result", entry)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def write_owner(build: Path) -> None:

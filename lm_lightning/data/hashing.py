@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 
@@ -13,3 +15,36 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
         for chunk in iter(lambda: f.read(chunk_bytes), b""):
             sha.update(chunk)
     return sha.hexdigest()
+
+
+class DigestMemo:
+    """SHA-256 digests of source files, remembered in a JSON file (in the corpus cache) by each file's path, size,
+    mtime and inode, so a large corpus is read once to fingerprint it, not on every run. A file that changes in any
+    of those is read again; a copy of the same bytes elsewhere gives the same digest."""
+
+    def __init__(self, memo_file: str | Path) -> None:
+        self.memo_file = Path(memo_file)
+        try:
+            self.entries: dict[str, str] = dict(json.loads(self.memo_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            self.entries = {}  # none yet, or unreadable: digests are recomputed, never trusted from a bad file
+        self.changed = False
+
+    def sha256(self, path: Path) -> str:
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        if (digest := self.entries.get(key)) is None:
+            digest = self.entries[key] = file_sha256(path)
+            self.changed = True
+        return digest
+
+    def save(self) -> None:
+        """Writes the memo if it gained digests (a temporary file then a rename, so readers never see half)."""
+        if not self.changed:
+            return
+        tmp = self.memo_file.with_name(f".{self.memo_file.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.entries, indent=0, sort_keys=True))
+            os.replace(tmp, self.memo_file)
+        except OSError:  # a read-only cache still works: the digests are only recomputed next time
+            tmp.unlink(missing_ok=True)

@@ -16,10 +16,11 @@ import logging
 import os
 import platform
 import sysconfig
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lm_lightning.data.hashing import file_sha256
 from lm_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,18 +57,21 @@ def iter_documents(source: Mapping) -> Iterator[str]:
     yield from _take_bytes(documents, source.get("max_bytes"))
 
 
-def describe_source(source: Mapping) -> dict:
-    """A JSON-able fingerprint of ``source`` for cache keys: the config plus, for local
-    files, each file's path, size (bytes) and mtime_ns, so an edited file changes the key.
-    An ``hf`` folder counts every file in it (a dataset card can change its splits) and adds
-    the ``_fingerprint`` that ``save_to_disk`` stored for each saved dataset."""
+def describe_source(source: Mapping, digest: Callable[[Path], str] | None = None) -> dict:
+    """A JSON-able fingerprint of ``source`` for cache keys: the config without its location, plus each local
+    file's name (relative to the source folder), size and SHA-256 (``digest``: a memoised one, default reading the
+    file), so an edited file changes the key while the same bytes copied elsewhere, or touched, keep it. An ``hf``
+    folder counts every file in it (a dataset card can change its splits) and adds the ``_fingerprint`` that
+    ``save_to_disk`` stored for each saved dataset."""
     kind = _kind(source)
-    description: dict[str, Any] = {"config": plain_config(source)}
     if kind == "stdlib":
-        description.update(python=platform.python_version(), stdlib=str(_stdlib_root()))
-        return description
+        return {"config": plain_config(source), "python": platform.python_version(), "stdlib": str(_stdlib_root())}
+    description: dict[str, Any] = {"config": {k: v for k, v in plain_config(source).items() if k != "path"}}
+    digest = digest or file_sha256
+    root = _local_path(source)
     files = _files(source, _SUFFIXES.get(kind))
-    description["files"] = [{"path": str(f), "size": (st := f.stat()).st_size, "mtime_ns": st.st_mtime_ns} for f in files]
+    description["files"] = [{"name": f.name if f == root else f.relative_to(root).as_posix(), "size": f.stat().st_size,
+                             "sha256": digest(f)} for f in files]
     if kind == "hf":
         description["dataset_fingerprints"] = [json.loads(f.read_text()).get("_fingerprint") for f in files
                                                 if f.name == "state.json"]

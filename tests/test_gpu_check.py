@@ -16,6 +16,7 @@ from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 
 from lm_lightning.data.synthetic import SyntheticDataModule
 from lm_lightning.parallel.cuda import optimizer_kwargs_for, pin_memory_for, use_tf32_on_cuda
+from lm_lightning.training.muon import MuonAdamW
 
 from helpers import REPO
 
@@ -76,6 +77,7 @@ def test_fused_adamw_on_cuda_and_cpu():
     assert optimizer_kwargs_for(functools.partial(torch.optim.Adam), torch.device("cuda")) == {"fused": True}
     assert optimizer_kwargs_for(adamw, torch.device("cpu")) == {"fused": True}
     assert optimizer_kwargs_for(adamw, torch.device("meta")) == {}
+    assert optimizer_kwargs_for(functools.partial(MuonAdamW, lr=1e-3), torch.device("cpu")) == {"fused": True}
     assert optimizer_kwargs_for(functools.partial(torch.optim.SGD, lr=0.1), torch.device("cuda")) == {}
     # a configured implementation is kept
     assert optimizer_kwargs_for(functools.partial(torch.optim.AdamW, foreach=True), torch.device("cuda")) == {}

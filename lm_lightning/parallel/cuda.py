@@ -9,7 +9,10 @@ from typing import Any
 
 import torch
 
-FUSABLE = (torch.optim.Adam, torch.optim.AdamW)  # torch's fused kernels: one launch for every parameter
+from lm_lightning.training.muon import MuonAdamW
+
+# torch's fused kernels: one launch for every parameter (MuonAdamW: for its AdamW half; Muon's half has none)
+FUSABLE = (torch.optim.Adam, torch.optim.AdamW, MuonAdamW)
 # torch defaults to a Python loop over the parameters on CPU and to foreach kernels on CUDA; its fused kernels
 # exist for both (on CPU since torch 2.4) and are the fastest: on CPU at nanoGPT's Shakespeare shape the step of
 # clip + AdamW takes ~2.6 ms fused against ~4.1 ms foreach and ~4.2 ms looped (benchmarks/throughput.py)
@@ -17,8 +20,8 @@ FUSED_DEVICES = ("cuda", "cpu")
 
 
 def optimizer_kwargs_for(factory: Any, device: torch.device) -> dict[str, Any]:
-    """Extra arguments for ``factory(params=...)`` on ``device``: ``fused=True`` for Adam/AdamW on CUDA and CPU
-    unless the config already chose an implementation (``fused`` or ``foreach``); nothing anywhere else."""
+    """Extra arguments for ``factory(params=...)`` on ``device``: ``fused=True`` for Adam, AdamW and MuonAdamW on CUDA
+    and CPU unless the config already chose an implementation (``fused`` or ``foreach``); nothing anywhere else."""
     func = factory.func if isinstance(factory, functools.partial) else factory
     chosen = getattr(factory, "keywords", {})
     if torch.device(device).type not in FUSED_DEVICES or func not in FUSABLE or "fused" in chosen or "foreach" in chosen:

@@ -201,3 +201,10 @@ def wait_for_file(path: Path, proc, timeout: float = 120) -> None:
         assert proc.poll() is None, f"the process ended before {path} appeared:\n{proc.stderr.read()[-3000:]}"
         assert time.time() < deadline, f"{path} never appeared"
         time.sleep(0.02)
+
+
+def cache_entries(cache: Path) -> list[str]:
+    """The corpus cache's entries and unfinished builds (``.tmp-*``), by name: everything but its bookkeeping."""
+    from lm_lightning.data.corpus import BOOKKEEPING
+
+    return sorted(p.name for p in cache.iterdir() if p.name not in BOOKKEEPING) if cache.exists() else []

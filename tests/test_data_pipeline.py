@@ -11,6 +11,8 @@ from lm_lightning.data.corpus import prepare_corpus
 from lm_lightning.data.report import format_report
 from lm_lightning.errors import UserError
 
+from helpers import cache_entries
+
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
 TOKENIZER = {"type": "bpe", "vocab_size": 300, "byte_fallback": True, "verbose": False}
 GOOD = [json.dumps({"text": f"Document number {i} says something about topic {i % 7}."}) for i in range(20)]
@@ -26,10 +28,6 @@ def _data(path, **source):
     return {"source": {"kind": "jsonl", "path": str(path), **source}, "split": {"val_fraction": 0.1}}
 
 
-def _entries(cache):
-    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
-
-
 @pytest.mark.bad_input
 @pytest.mark.parametrize("bad, message", [
     (b'{"text": "unterminated', r"line 3 is not valid JSON"),
@@ -41,7 +39,7 @@ def test_a_bad_jsonl_line_is_an_error_naming_file_and_line_and_leaves_no_cache(t
     cache = tmp_path / "cache"
     with pytest.raises(UserError, match=rf"{path} {message}.*skip_bad_records"):
         prepare_corpus(_data(path), TOKENIZER, cache, num_proc=2)
-    assert _entries(cache) == []  # nothing a later run could take for a finished corpus
+    assert cache_entries(cache) == []  # nothing a later run could take for a finished corpus
 
 
 def test_skip_bad_records_warns_with_file_and_line_and_goes_on(tmp_path, caplog):
@@ -57,7 +55,7 @@ def test_a_non_utf8_text_file_names_file_and_line(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"fine\nstill fine\nbad \xff byte\n")
     with pytest.raises(UserError, match=rf"{tmp_path / 'a.txt'} line 3 is not valid UTF-8"):
         prepare_corpus({"source": {"kind": "text", "path": str(tmp_path)}}, TOKENIZER, tmp_path / "cache")
-    assert _entries(tmp_path / "cache") == []
+    assert cache_entries(tmp_path / "cache") == []
 
 
 def test_an_empty_result_after_filtering_says_which_filters_removed_what(tmp_path):
@@ -65,7 +63,7 @@ def test_an_empty_result_after_filtering_says_which_filters_removed_what(tmp_pat
     data = {**_data(path), "cleaning": {"min_words": 100}}
     with pytest.raises(UserError, match=r"corpus is empty: .*c\.jsonl.*\(20 documents in; removed by words: 20\)"):
         prepare_corpus(data, TOKENIZER, tmp_path / "cache")
-    assert _entries(tmp_path / "cache") == []
+    assert cache_entries(tmp_path / "cache") == []
 
 
 DATA = {

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from lm_lightning.data.cleaning import clean_documents
 from lm_lightning.data.corpus_split import SPLITS, check_split_cfg, split_assigner
 from lm_lightning.data.corpus_staging import (
+    LOCKS_DIR,
     OWNER_FILE,
     SplitWriter,
     Staging,
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 DIGEST_MEMO = "file-digests.json"  # in the cache folder: the source files' SHA-256 by path, size, mtime and inode
+BOOKKEEPING = (LOCKS_DIR, DIGEST_MEMO)  # what the cache folder holds besides corpus entries and builds (.tmp-*)
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
 
 

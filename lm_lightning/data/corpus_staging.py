@@ -23,6 +23,7 @@ from lm_lightning.data.dedup import DedupConfig, exact_duplicates, near_duplicat
 
 log = logging.getLogger(__name__)
 
+LOCKS_DIR = ".locks"  # in the cache folder: one lock file per corpus entry, held while it is prepared
 OWNER_FILE = "owner.json"  # in a build folder (.tmp-<entry>-<pid>-<rand>): the machine and process building it
 
 
@@ -31,7 +32,7 @@ def build_lock(entry: Path) -> Iterator[None]:
     """Held while ``entry`` is prepared: a second run that needs the same corpus waits here (saying so) and then
     reuses the first one's result instead of preparing it again beside it. An OS lock (``filelock``) on
     ``.locks/<entry>.lock`` in the cache, let go when its holder ends, killed or not."""
-    (locks := entry.parent / ".locks").mkdir(exist_ok=True)
+    (locks := entry.parent / LOCKS_DIR).mkdir(exist_ok=True)
     lock = filelock.FileLock(locks / f"{entry.name}.lock")
     try:
         lock.acquire(timeout=0)

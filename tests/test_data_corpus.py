@@ -3,6 +3,7 @@ metadata, and never served stale: an unchanged config reuses the cache without r
 source; a changed tokenizer or cleaning config builds a new entry."""
 
 import hashlib
+import json
 import math
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 
 import lm_lightning.data.corpus as corpus_module
 from lm_lightning.data.cleaning import clean_documents
-from lm_lightning.data.corpus import prepare_corpus
+from lm_lightning.data.corpus import DIGEST_MEMO, prepare_corpus
 from lm_lightning.data.hashing import file_sha256 as real_sha256
 from lm_lightning.data.prepared_corpus import unigram_entropy
 from lm_lightning.data.sources import iter_documents
@@ -79,6 +80,8 @@ def test_a_copy_of_the_source_elsewhere_reuses_the_cache_and_hashes_each_file_on
     with pytest.raises(pytest.fail.Exception, match="the source was read"):
         prepare_corpus(moved, TOKENIZER, cache)
     assert read == [copy, copy]
+    memo = json.loads((cache / DIGEST_MEMO).read_text())  # one record per path, the edit's replacing the first
+    assert memo[str(copy.resolve())][-1] == real_sha256(copy) and str(SHAKESPEARE.resolve()) in memo
 
 
 def test_runs_that_need_the_same_corpus_at_once_prepare_it_once(tmp_path, monkeypatch, caplog):

@@ -12,6 +12,8 @@ import pytest
 import torch
 from helpers import run_in_process
 
+from lm_lightning.errors import UserError
+
 pytestmark = pytest.mark.bad_input  # every test here: a user's mistake ends in one error line
 
 
@@ -268,3 +270,22 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path, corpus_ca
              cwd=tmp_path, cache=corpus_cache, unchanged=(corpus_cache,),
              says=f"cannot create the output folder {blocker / 'run'}: Not a directory")
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"top_k": 2.5}, "sample.top_k=2.5 must be a whole number >= 0"),  # the wrong kind: no "out of range"
+    ({"top_k": True}, "sample.top_k=True must be a whole number >= 0"),  # a bool is not a count
+    ({"temperature": "hot"}, "sample.temperature='hot' must be a number >= 0"),
+    ({"top_p": 0}, r"sample.top_p=0 is out of range: it must be a number in \(0, 1\]"),
+], ids=["float-for-int", "bool", "string", "zero"])
+def test_sampling_and_scaling_numbers_share_one_check_and_its_wording(options, says):
+    from lm_lightning.generation.sampling import check_sampling_options
+    from lm_lightning.scaling.budget import check_scaling_options
+
+    with pytest.raises(UserError, match=f"^{says}"):
+        check_sampling_options(options, "sample.")
+    check_sampling_options({**options, **{k: None for k in options}}, "sample.")  # null: off
+    with pytest.raises(UserError, match="^scaling.head_size=2.5 must be a whole number > 0"):
+        check_scaling_options({"head_size": 2.5})
+    with pytest.raises(UserError, match="^scaling.head_size=0 is out of range: it must be a whole number > 0"):
+        check_scaling_options({"head_size": 0})

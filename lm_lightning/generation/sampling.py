@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from lm_lightning.config.numbers import check_numbers
 from lm_lightning.errors import UserError
 
 
@@ -32,7 +33,7 @@ class NonFiniteLogits(UserError):
 def check_sampling_options(options: dict, prefix: str = "") -> None:
     """Ranges of the decoding options present in ``options`` (``prefix``: how the user names them, e.g.
     ``sample.``); a value outside its range would otherwise decode silently or fail deep in torch."""
-    rules = {  # name: (kind, test, what the value must be)
+    check_numbers(options, {
         "max_new_tokens": (int, lambda v: v >= 0, "a whole number >= 0"),
         "num_samples": (int, lambda v: v >= 1, "a whole number >= 1"),
         "beam_width": (int, lambda v: v >= 1, "a whole number >= 1"),
@@ -40,14 +41,7 @@ def check_sampling_options(options: dict, prefix: str = "") -> None:
         "temperature": (float, lambda v: v >= 0, "a number >= 0 (0: greedy)"),
         "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1] (null: off)"),
         "length_penalty": (float, math.isfinite, "a finite number"),
-    }
-    for name, (kind, test, must) in rules.items():
-        if name not in options or options[name] is None:
-            continue
-        value = options[name]
-        typed = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
-        if not typed or not test(value):
-            raise UserError(f"{prefix}{name}={value!r} is out of range: it must be {must}")
+    }, prefix)
 
 
 @torch.inference_mode()

@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 import torch
 
+from lm_lightning.config.numbers import check_numbers
 from lm_lightning.errors import UserError
 
 
@@ -59,15 +60,14 @@ def model_figures(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
 def check_scaling_options(scaling: Mapping[str, Any] | None) -> None:
     """The ``scaling`` options are numbers in their ranges (null: off): named before a run folder exists, not a
     float() error at the start of the run."""
-    rules = {"compute_budget": (float, "training FLOPs, a number > 0"), "tokens_per_param": (float, "a number > 0"),
-             "aspect_ratio": (float, "a number > 0 (width / depth)"), "head_size": (int, "a whole number > 0")}
-    for name, (kind, must) in rules.items():
-        value = (scaling or {}).get(name)
-        if value is None:
-            continue
-        typed = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
-        if not typed or not 0 < value < math.inf:
-            raise UserError(f"scaling.{name}={value!r} {'is out of range: it ' if typed else ''}must be {must}")
+    check_numbers(scaling, {"compute_budget": (float, _positive, "training FLOPs, a number > 0"),
+                            "tokens_per_param": (float, _positive, "a number > 0"),
+                            "aspect_ratio": (float, _positive, "a number > 0 (width / depth)"),
+                            "head_size": (int, _positive, "a whole number > 0")}, "scaling.")
+
+
+def _positive(value: float) -> bool:
+    return 0 < value < math.inf
 
 
 def plan_budget(model_cfg: Mapping[str, Any], budget: float, tokens_per_step: int, aspect_ratio: float | None = None,

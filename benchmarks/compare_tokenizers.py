@@ -9,7 +9,7 @@ settings. Each row is one ``prepare_corpus`` (cached, so a rerun only trains and
     python benchmarks/compare_tokenizers.py --data lm_lightning/conf/data/tinyshakespeare.yaml --vocab-size 1024 --train-steps 600
 
 The same comparison from the CLI, one W&B run per tokenizer in one sweep group:
-``lm-lightning prepare -m data=gutenberg tokenizer=bpe,unigram,char,word,byte_bpe tokenizer.vocab_size=8192``.
+``lm-lightning prepare -m data=gutenberg tokenizer=bpe,unigram,char,word,byte,byte_bpe tokenizer.vocab_size=8192``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / "lm_lightning/conf/data/gutenberg.yaml", help="a conf/data/*.yaml")
     parser.add_argument("--max-bytes", type=int, default=10_000_000, help="bytes of text to use")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="tokens, for every type but char")
-    parser.add_argument("--types", default="bpe,unigram,char,word,byte_bpe", help="conf/tokenizer/*.yaml names")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="tokens, for every type but char and byte")
+    parser.add_argument("--types", default="bpe,unigram,char,word,byte,byte_bpe", help="conf/tokenizer/*.yaml names")
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--cache-dir", default=os.environ.get("LM_LIGHTNING_CACHE", ".cache/lm-lightning"))
     parser.add_argument("--train-steps", type=int, default=0, help="train a GPT this many steps per tokenizer; 0 = none")

@@ -90,3 +90,48 @@ def test_identity_and_errors(tokenizers, tmp_path):
         train_tokenizer(_paragraphs(TRAIN[:2000]), {"type": "unigram", "vocab_size": 50_000, "verbose": False}, tmp_path / "big")
     with pytest.raises(UserError, match="vocab_size=3 leaves no learned pieces: 5 are reserved"):
         train_tokenizer(_paragraphs(TRAIN[:2000]), {"type": "bpe", "vocab_size": 3}, tmp_path / "small")  # was "no training text"
+
+
+def test_byte_tokenizer_is_built_not_trained_and_gives_one_id_per_utf8_byte(tokenizers):
+    tok = tokenizers["byte"]
+    assert tok.byte_level and not tokenizers["bpe"].byte_level
+    assert tok.vocab_size == 4 + 1 + len(SPECIALS) + 256  # <pad> <unk> <s> </s>, newline, specials, bytes
+    first_byte = tok.token_to_id("<0x00>")
+    text = "Tab\there,  two spaces, é, ∑, 🙂 and a literal <s>"  # no newline, no special: bytes only
+    assert tok.encode(text) == [first_byte + b for b in text.encode("utf-8")]
+    assert tok.decode(tok.encode("a▁b ▁")) == "a▁b ▁"  # no space marker: a "▁" is the text's own
+    assert tok.fallback_ids() == [tok.unk_id]  # the bytes are the vocabulary, not a fallback
+    assert tokenizers["bpe"].unk_id in tokenizers["bpe"].fallback_ids() and len(tokenizers["bpe"].fallback_ids()) > 256
+
+
+def test_a_byte_corpus_has_as_many_tokens_as_bytes_and_full_coverage(tmp_path):
+    from lm_lightning.data.corpus import prepare_corpus
+
+    data = {"name": "bytes", "source": {"kind": "text", "path": str(tmp_path / "c.txt"), "document_split": "paragraph"},
+            "split": {"val_fraction": 0.25, "seed": 0}}
+    (tmp_path / "c.txt").write_text("\n\n".join(_paragraphs(SHAKESPEARE[:20_000])) + "\n\nNaïve café ∑ 🙂\n")
+    corpus = prepare_corpus(data, {"type": "byte"}, tmp_path / "cache")
+    for split in ("train", "val"):
+        stats = corpus.metadata["splits"][split]
+        assert stats["tokens"] == stats["bytes"] + stats["documents"]  # one id a byte, one EOS a document
+    report = corpus.report()["tokenizer"]
+    assert report["coverage"] == 1.0 and report["tokens_per_byte"] == 1.0 and report["vocab_size"] == 261
+
+
+def test_train_with_the_byte_tokenizer_reports_bits_per_byte_as_its_loss_in_bits_per_token(tmp_path):
+    import json
+    import math
+
+    from helpers import run_in_process
+
+    run_in_process("train", "experiment=tiny", "tokenizer=byte", "trainer.max_steps=3", "scheduler.warmup_steps=1", "logger=csv",
+                   "sample.max_new_tokens=8", "data.corpus.source.max_bytes=20000", "num_threads=1",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, cache=tmp_path / "cache")
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    final = record["final"]
+    parameters = record["parameters"]
+    vocab = (parameters["embedding"] - parameters["position_table"]) // record["config"]["model"]["n_embd"]
+    assert vocab == 261  # <pad> <unk> <s> </s>, the newline and the 256 bytes: no learned piece
+    val = json.loads((tmp_path / record["corpus_dir"] / "metadata.json").read_text())["splits"]["val"]
+    assert val["tokens"] == val["bytes"] + val["documents"]  # a token a byte, and one end-of-text a document
+    assert final["val/bpb"] == pytest.approx(final["val/loss"] / math.log(2) * val["tokens"] / val["bytes"], rel=1e-5)

@@ -107,7 +107,7 @@ def test_target_architecture_of_the_default_model_configs():
 
 # --- tokenizer ----------------------------------------------------------------------------------
 
-SAMPLES = ["", "hello", "To be, or not to be: that is the question.", "  two leading spaces", "trailing  ",
+SAMPLES = ["", "hello", "To be, or not to be: that is the question.", "  two leading spaces", "trailing  ", "a▁b ▁",
            "a\nb\n\nc\n", "\n", "tabs\tand   runs    of spaces", "ünïcödé € 😀 and 中文", "x  y   z",
            "<s> literal </s> <unk> <pad>", "   ", "qzxv jjjkkk", "ROMEO:\nWhat light through yonder window breaks?"]
 
@@ -117,8 +117,8 @@ def shakespeare() -> str:
     return (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text()
 
 
-@pytest.mark.parametrize("kind", ["bpe", "unigram", "char"])
-@pytest.mark.parametrize("byte_fallback", [True, False])
+@pytest.mark.parametrize("kind, byte_fallback", [(kind, fallback) for kind in ("bpe", "unigram", "char")
+                                                  for fallback in (True, False)] + [("byte", True)])
 def test_auto_tokenizer_encodes_and_decodes_as_our_tokenizer(tmp_path, shakespeare, kind, byte_fallback):
     # "<", "/" and ">" are in the vocabulary, as in any corpus with code: a unigram model reads a literal "<s>"
     # as <s> only when one of its characters has no piece (see lm_lightning.interop.hf_export.hf_tokenizer)

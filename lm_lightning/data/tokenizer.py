@@ -1,4 +1,4 @@
-"""Sentencepiece tokenizers (BPE, unigram, char, word) that round-trip text exactly.
+"""Sentencepiece tokenizers (BPE, unigram, char, word, byte) that round-trip text exactly.
 
 Whitespace is kept as is (no normalisation, no extra-space removal, no dummy prefix), so
 ``decode(encode(text)) == text`` for any text the vocabulary covers (with
@@ -7,6 +7,9 @@ works on one "sentence" at a time: the tokenizer is trained on lines, ``"\\n"`` 
 user-defined symbol (one id of its own), and ``encode`` encodes each line and puts the
 newline id between them. For BPE this gives exactly the ids sentencepiece itself gives for
 the whole text; it also works for the word model, which ignores user-defined symbols.
+
+``byte`` is built, not trained: a sentencepiece model whose only pieces besides the specials are the 256 bytes, so
+with byte fallback every character is its UTF-8 bytes, one id each (ByT5's vocabulary, 261 ids with the specials).
 
 The types of Hugging Face ``tokenizers`` (``byte_bpe``, ``words``, ``hf``) live in
 ``hf_tokenizer.py`` and ``hf_tokenizer_training.py``; ``train_tokenizer`` trains either kind and
@@ -32,7 +35,7 @@ from lm_lightning.errors import UserError
 if TYPE_CHECKING:
     from lm_lightning.data.hf_tokenizer import HFTokenizer
 
-TYPES = ("bpe", "unigram", "char", "word")  # sentencepiece model types
+TYPES = ("bpe", "unigram", "char", "word", "byte")  # sentencepiece models: trained, or for byte built
 HF_TYPES = ("byte_bpe", "words", "hf")  # Hugging Face tokenizers: byte-level BPE, word vocabulary, a tokenizer.json
 NEWLINE = "\n"
 _META_PIECES = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
@@ -66,6 +69,10 @@ def train_tokenizer(docs: Iterable[str], cfg: Mapping, model_prefix: Path) -> Pa
     specials = [NEWLINE] + [t for t in cfg.get("special_tokens") or [] if t not in _META_PIECES and t != NEWLINE]
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "byte":  # nothing to learn: the documents are not read
+        target = model_prefix.with_name(model_prefix.name + ".model")
+        target.write_bytes(byte_model(list(dict.fromkeys(specials))))
+        return target
     options = dict(
         model_prefix=str(model_prefix),
         model_type=kind,
@@ -108,6 +115,36 @@ def train_tokenizer(docs: Iterable[str], cfg: Mapping, model_prefix: Path) -> Pa
         raise UserError(f"tokenizer training failed: {message} (check tokenizer.vocab_size, "
                         f"tokenizer.character_coverage and that the train split has text)") from None
     return model_prefix.with_name(model_prefix.name + ".model")
+
+
+def byte_model(specials: Sequence[str]) -> bytes:
+    """A sentencepiece model proto with no learned pieces: ``<pad> <unk> <s> </s>``, then ``specials`` (the newline
+    first), then the 256 byte pieces ``<0x00>``..``<0xFF>``. Byte fallback turns every character, none of which is a
+    piece, into its UTF-8 bytes; whitespace is kept as is (no ``▁``), so a space is the one byte 0x20."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    model, piece = pb.ModelProto(), pb.ModelProto.SentencePiece
+    for name, kind in sorted(_META_PIECES.items(), key=lambda item: item[1]):
+        model.pieces.add(piece=name, score=0.0, type=piece.UNKNOWN if name == "<unk>" else piece.CONTROL)
+    for name in specials:
+        model.pieces.add(piece=name, score=0.0, type=piece.USER_DEFINED)
+    for byte in range(256):
+        model.pieces.add(piece=f"<0x{byte:02X}>", score=0.0, type=piece.BYTE)
+    spec = model.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = pb.TrainerSpec.CHAR, len(model.pieces), True
+    spec.pad_id, spec.unk_id = _META_PIECES["<pad>"], _META_PIECES["<unk>"]
+    spec.bos_id, spec.eos_id = _META_PIECES["<s>"], _META_PIECES["</s>"]
+    normalizer = model.normalizer_spec
+    normalizer.name, normalizer.add_dummy_prefix = "identity", False
+    normalizer.remove_extra_whitespaces, normalizer.escape_whitespaces = False, False
+    return model.SerializeToString()
+
+
+def _has_no_learned_piece(model_proto: bytes) -> bool:
+    """True for ``byte_model``'s kind: besides specials and user-defined symbols, only byte pieces."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    return all(piece.type != piece.NORMAL for piece in pb.ModelProto.FromString(model_proto).pieces)
 
 
 def tokenizer_fingerprint(cfg: Mapping) -> dict:
@@ -182,6 +219,7 @@ class Tokenizer:
         self.pad_id, self.unk_id = self._sp.pad_id(), self._sp.unk_id()
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         self.newline_id = self.token_to_id(NEWLINE)
+        self.byte_level = _has_no_learned_piece(self._data)  # tokenizer=byte: the bytes are its vocabulary
         self._threads = num_threads or os.cpu_count() or 1  # sentencepiece threads in encode_batch
 
     @classmethod
@@ -224,7 +262,10 @@ class Tokenizer:
             else:
                 current.append(int(i))
         lines.append(current)
-        # A byte-fallback word keeps its leading space marker as raw bytes; make it a space.
+        # A byte-fallback word keeps its leading space marker as raw bytes; make it a space. A byte-level model
+        # marks no space (a space is the byte 0x20), so a "▁" there is the text's own.
+        if self.byte_level:
+            return NEWLINE.join(self._sp.decode(line) for line in lines)
         return NEWLINE.join(self._sp.decode(line).replace("\u2581", " ") for line in lines)
 
     def encode_bytes(self, data: bytes) -> list[int]:
@@ -239,8 +280,9 @@ class Tokenizer:
         return self.decode(ids).encode("utf-8")
 
     def fallback_ids(self) -> list[int]:
-        """Ids that mean the vocabulary did not cover the text: ``<unk>`` and byte-fallback pieces."""
-        return [i for i in range(self.vocab_size) if i == self.unk_id or self._sp.is_byte(i)]
+        """Ids that mean the vocabulary did not cover the text: ``<unk>`` and byte-fallback pieces (a byte-level
+        model's bytes are its vocabulary, not a fallback)."""
+        return [i for i in range(self.vocab_size) if i == self.unk_id or (self._sp.is_byte(i) and not self.byte_level)]
 
     def token_to_id(self, piece: str) -> int:
         i = self._sp.piece_to_id(piece)

@@ -253,11 +253,14 @@ def hf_tokenizer(model_proto: bytes, max_length: int) -> PreTrainedTokenizerFast
                            merges=_bpe_merges(pieces) if kind == "bpe" else [],  # char: every character alone
                            unk_token=pieces[spec.unk_id][0], fuse_unk=True, byte_fallback=spec.byte_fallback)
     tokenizer = Tokenizer(model)
-    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    escaped = normalizer.escape_whitespaces  # off for tokenizer=byte: a space is the byte 0x20, "▁" is three bytes
+    if escaped:
+        tokenizer.normalizer = normalizers.Replace(" ", "▁")
     unk = pieces[spec.unk_id][0]
     tokenizer.decoder = decoders.Sequence([
         decoders.Replace(unk, spec.unk_surface),  # sentencepiece writes <unk> as " ⁇ "
-        decoders.Replace("▁", " "), *([decoders.ByteFallback()] if spec.byte_fallback else []), decoders.Fuse()])
+        *([decoders.Replace("▁", " ")] if escaped else []), *([decoders.ByteFallback()] if spec.byte_fallback else []),
+        decoders.Fuse()])
     tokenizer.add_tokens([AddedToken(piece, normalized=False, special=False)
                           for piece, _, piece_type in pieces if piece_type == _USER_DEFINED])
     named = {f"{name}_token": pieces[i][0] for name, i in

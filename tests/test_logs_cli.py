@@ -129,7 +129,7 @@ def test_each_commands_help_lists_its_own_groups_and_options_with_their_comments
     page = run_in_process("train", "--help", cwd=tmp_path, cache=tmp_path / "cache").stdout
     assert page.startswith("usage: lm-lightning train [key=value ...] [group=option ...]")
     assert re.search(r"^  tokenizer=bpe +sentencepiece model trained on the train split", page, re.M)
-    assert re.search(r"^ +options: bpe, byte_bpe, char, hf, unigram, word, words$", page, re.M)
+    assert re.search(r"^ +options: bpe, byte, byte_bpe, char, hf, unigram, word, words$", page, re.M)
     assert re.search(r"^  sample\.temperature=0\.8 +softmax temperature; 0 = greedy$", page, re.M)
     assert re.search(r"^  tiny +A seconds-long run for smoke tests", page, re.M)
     # groups of other commands, Hydra's generic page and the composed config's dump are not on it

@@ -45,10 +45,10 @@ def train_tokenizer(docs: Iterable[str], cfg: Mapping, model_prefix: Path) -> Pa
     """Train a tokenizer on ``docs``: a sentencepiece model (``<model_prefix>.model`` and ``.vocab``)
     or, for ``HF_TYPES``, a ``<model_prefix>.json`` (see ``train_hf_tokenizer``). Returns its path.
 
-    Sentencepiece ``cfg``: ``type`` (bpe|unigram|char|word), ``vocab_size`` (pieces, including the specials
+    Sentencepiece ``cfg``: ``type`` (bpe|unigram|char|word|byte), ``vocab_size`` (pieces, including the specials
     ``<pad>`` ``<unk>`` ``<s>`` ``</s>``, ``"\\n"`` and ``special_tokens``; ignored for char,
-    whose vocabulary is every character seen), ``byte_fallback``, ``character_coverage``,
-    ``special_tokens``, ``max_sentence_length`` (bytes per line; longer lines are skipped in
+    whose vocabulary is every character seen, and for byte, built from the 256 bytes without training),
+    ``byte_fallback``, ``character_coverage``, ``special_tokens``, ``max_sentence_length`` (bytes per line; longer lines are skipped in
     training), ``input_sentence_size`` (lines sampled for training; 0 = all), ``seed``,
     ``num_threads``, ``verbose`` (sentencepiece's own log; off by default). Any type: ``model_file``, an existing
     tokenizer (a ``.model`` or a ``tokenizer.json``) copied instead of training one.
@@ -124,7 +124,7 @@ def byte_model(specials: Sequence[str]) -> bytes:
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     model, piece = pb.ModelProto(), pb.ModelProto.SentencePiece
-    for name, kind in sorted(_META_PIECES.items(), key=lambda item: item[1]):
+    for name in sorted(_META_PIECES, key=_META_PIECES.get):
         model.pieces.add(piece=name, score=0.0, type=piece.UNKNOWN if name == "<unk>" else piece.CONTROL)
     for name in specials:
         model.pieces.add(piece=name, score=0.0, type=piece.USER_DEFINED)

@@ -48,8 +48,8 @@ def train_tokenizer(docs: Iterable[str], cfg: Mapping, model_prefix: Path) -> Pa
     Sentencepiece ``cfg``: ``type`` (bpe|unigram|char|word|byte), ``vocab_size`` (pieces, including the specials
     ``<pad>`` ``<unk>`` ``<s>`` ``</s>``, ``"\\n"`` and ``special_tokens``; ignored for char,
     whose vocabulary is every character seen, and for byte, built from the 256 bytes without training),
-    ``byte_fallback``, ``character_coverage``, ``special_tokens``, ``max_sentence_length`` (bytes per line; longer lines are skipped in
-    training), ``input_sentence_size`` (lines sampled for training; 0 = all), ``seed``,
+    ``byte_fallback``, ``character_coverage``, ``special_tokens``, ``max_sentence_length`` (bytes per line;
+    longer lines are skipped in training), ``input_sentence_size`` (lines sampled for training; 0 = all), ``seed``,
     ``num_threads``, ``verbose`` (sentencepiece's own log; off by default). Any type: ``model_file``, an existing
     tokenizer (a ``.model`` or a ``tokenizer.json``) copied instead of training one.
     """

@@ -4,7 +4,7 @@ run; then the best learning rate of each optimizer on shakespeare_char again wit
 
 Each run is ``lm-lightning train experiment=<e> optimizer=<adamw|muon> optimizer.lr=<lr> seed=<s>`` in its own
 process (``--jobs`` at a time, default one), into ``<out>/<e>/<optimizer>-lr<lr>-seed<s>-<steps>steps``; a run whose ``run.json`` already exists is
-read, not rerun, so an interrupted benchmark continues. Both optimizers share everything else: the AdamW half of
+read, not rerun, and one stopped part-way resumes from its last.ckpt, so an interrupted benchmark continues. Both optimizers share everything else: the AdamW half of
 ``optimizer=muon`` uses ``optimizer=adamw``'s betas, eps and weight decay; only the hidden matrices differ.
 
     python benchmarks/muon_vs_adamw.py --out /tmp/bench22/muon                      # the experiments' full lengths

@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lm_lightning.config.numbers import check_numbers
 from lm_lightning.errors import IncompatiblePair, UserError
 from lm_lightning.tracking.sweep import JobFailure, JobSkipped
 from lm_lightning.tracking.sweep_resume import run_job
@@ -159,9 +160,8 @@ def plain(cfg: Any) -> Any:
 
 def check_threads(num_threads: int | None) -> None:
     """``num_threads``: null, or a whole number >= 0 (0 or null: torch's default)."""
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0):
-        raise UserError(f"num_threads={num_threads!r} is out of range: it must be a whole number >= 0 "
-                        "(0 or null: torch's default)")
+    check_numbers({"num_threads": num_threads},
+                  {"num_threads": (int, lambda v: v >= 0, "a whole number >= 0 (0 or null: torch's default)")})
 
 
 def set_threads(num_threads: int | None) -> None:

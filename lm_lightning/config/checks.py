@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lm_lightning.config.app import check_threads
+from lm_lightning.config.numbers import Rule, check_numbers
 from lm_lightning.errors import UserError
 from lm_lightning.models.capabilities import (
     check_blocks_for_sharding,
@@ -81,18 +82,18 @@ def _count_or_fraction(value: float, least_count: int) -> bool:
     return 0 < value <= 1 if least_count else 0 <= value <= 1
 
 
-# option: (test, what the value must be); None always passes (the option is off or takes its default)
-RANGES = {
-    "trainer.limit_train_batches": (lambda v: _count_or_fraction(v, 0), "a whole number >= 0 or a fraction in [0, 1]"),
-    "trainer.limit_val_batches": (lambda v: _count_or_fraction(v, 0), "a whole number >= 0 or a fraction in [0, 1]"),
-    "trainer.limit_test_batches": (lambda v: _count_or_fraction(v, 0), "a whole number >= 0 or a fraction in [0, 1]"),
-    "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 (0 or null: no clipping)"),
-    "data.val_batch_size": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0 (0 or null: data.batch_size)"),
-    "data.num_workers": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0 (0: load in the main process)"),
-    "optimizer.weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "optimizer.eps": (lambda v: v > 0, "a number > 0"),
-    "optimizer.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "scheduler.min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1] (the final lr as a share of the peak)"),
+# option: (kind, test, what the value must be), as config.numbers.check_numbers reads them; None always passes
+RANGES: dict[str, Rule] = {
+    "trainer.limit_train_batches": (float, lambda v: _count_or_fraction(v, 0), "a whole number >= 0 or a fraction in [0, 1]"),
+    "trainer.limit_val_batches": (float, lambda v: _count_or_fraction(v, 0), "a whole number >= 0 or a fraction in [0, 1]"),
+    "trainer.limit_test_batches": (float, lambda v: _count_or_fraction(v, 0), "a whole number >= 0 or a fraction in [0, 1]"),
+    "trainer.gradient_clip_val": (float, lambda v: v >= 0, "a number >= 0 (0 or null: no clipping)"),
+    "data.val_batch_size": (int, lambda v: v >= 0, "a whole number >= 0 (0 or null: data.batch_size)"),
+    "data.num_workers": (int, lambda v: v >= 0, "a whole number >= 0 (0: load in the main process)"),
+    "optimizer.weight_decay": (float, lambda v: v >= 0, "a number >= 0"),
+    "optimizer.eps": (float, lambda v: v > 0, "a number > 0"),
+    "optimizer.momentum": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "scheduler.min_lr_ratio": (float, lambda v: 0 <= v <= 1, "a number in [0, 1] (the final lr as a share of the peak)"),
 }
 
 
@@ -100,12 +101,10 @@ def check_ranges(cfg: DictConfig) -> None:
     """Numbers outside the range their option means something in (each named with what to give): Lightning, torch
     or the DataLoader would otherwise fail deep in the run, or worse, accept them (a negative clip value flips
     the gradients, a min_lr_ratio above 1 makes the decay a rise)."""
-    for name, (test, must) in RANGES.items():
+    for name, rule in RANGES.items():
         value = OmegaConf.select(cfg, name, default=None, throw_on_resolution_failure=False)
-        if value is None or isinstance(value, (DictConfig, ListConfig)):
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
-            raise UserError(f"{name}={value!r} is out of range: it must be {must}")
+        if not isinstance(value, (DictConfig, ListConfig)):
+            check_numbers({name: value}, {name: rule})
     check_threads(cfg.get("num_threads"))  # every command checks it as it sets it; train also before its run folder
     _check_val_interval(cfg)
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None, throw_on_resolution_failure=False)

@@ -140,13 +140,6 @@ def byte_model(specials: Sequence[str]) -> bytes:
     return model.SerializeToString()
 
 
-def _has_no_learned_piece(model_proto: bytes) -> bool:
-    """True for ``byte_model``'s kind: besides specials and user-defined symbols, only byte pieces."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    return all(piece.type != piece.NORMAL for piece in pb.ModelProto.FromString(model_proto).pieces)
-
-
 def tokenizer_fingerprint(cfg: Mapping) -> dict:
     """What identifies the tokenizer ``cfg`` makes, for a corpus cache key: its options less log
     verbosity; a re-used tokenizer (``model_file``, or ``file`` for ``hf``) by its content, not its path."""
@@ -219,7 +212,12 @@ class Tokenizer:
         self.pad_id, self.unk_id = self._sp.pad_id(), self._sp.unk_id()
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         self.newline_id = self.token_to_id(NEWLINE)
-        self.byte_level = _has_no_learned_piece(self._data)  # tokenizer=byte: the bytes are its vocabulary
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto.FromString(self._data)
+        # tokenizer=byte's kind: no learned piece besides specials and user-defined symbols; the bytes are its vocabulary
+        self.byte_level = all(piece.type != piece.NORMAL for piece in proto.pieces)
+        self._marks_spaces = proto.normalizer_spec.escape_whitespaces  # spaces as "▁" (not in byte_model)
         self._threads = num_threads or os.cpu_count() or 1  # sentencepiece threads in encode_batch
 
     @classmethod
@@ -262,9 +260,9 @@ class Tokenizer:
             else:
                 current.append(int(i))
         lines.append(current)
-        # A byte-fallback word keeps its leading space marker as raw bytes; make it a space. A byte-level model
-        # marks no space (a space is the byte 0x20), so a "▁" there is the text's own.
-        if self.byte_level:
+        # A byte-fallback word keeps its leading space marker as raw bytes; make it a space. A model that marks no
+        # space (byte_model: a space is the byte 0x20) leaves a "▁" alone: there it is the text's own.
+        if not self._marks_spaces:
             return NEWLINE.join(self._sp.decode(line) for line in lines)
         return NEWLINE.join(self._sp.decode(line).replace("\u2581", " ") for line in lines)
 

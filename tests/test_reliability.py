@@ -148,6 +148,32 @@ def test_ctrl_c_saves_last_prints_the_resume_line_and_the_resume_continues(tmp_p
         assert abs(resumed[s] - reference[s]) <= 1e-5, (s, resumed[s], reference[s])
 
 
+@pytest.mark.slow
+def test_ctrl_c_mid_step_finishes_the_step_so_the_resume_is_exact(tmp_path, corpus_cache):
+    """Ctrl-C right after the optimizer's update, before Lightning counts the step: the step is finished and saved
+    whole, so the resume goes on with the uninterrupted run's losses; a second Ctrl-C stops at once."""
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    common = [*TINY, "scheduler.total_steps=100000", "callbacks.last_checkpoint.every_n_train_steps=20"]
+    fault = ["+callbacks.fault._target_=faults.CtrlCAfterUpdate", "+callbacks.fault.step=7"]
+    proc = run_cli("train", *common, *fault, "trainer.max_steps=100000", f"hydra.run.dir={run}", cwd=tmp_path,
+                   cache=corpus_cache, check=False)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Ctrl-C: stopping at the end of this step" in proc.stdout + proc.stderr
+    assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 8  # step 7's update, counted: 8 steps done
+    run_in_process("train", *common, "trainer.max_steps=11", "ckpt_path=last", f"hydra.run.dir={run}", cwd=tmp_path,
+                   cache=corpus_cache)
+    run_in_process("train", *common, "trainer.max_steps=11", f"hydra.run.dir={whole}", cwd=tmp_path,
+                   cache=corpus_cache)
+    resumed, reference = step_losses(run), step_losses(whole)
+    for s in range(8, 11):
+        assert abs(resumed[s] - reference[s]) <= 1e-5, (s, resumed[s], reference[s])
+    twice = tmp_path / "twice"
+    proc = run_cli("train", *common, *fault, "+callbacks.fault.presses=2", "trainer.max_steps=100000",
+                   f"hydra.run.dir={twice}", cwd=tmp_path, cache=corpus_cache, check=False)
+    assert proc.returncode == 130 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert f"resume with the same command plus hydra.run.dir={twice} ckpt_path=last" in proc.stdout
+
+
 @pytest.mark.parametrize("mode", ["skip", "stop"])
 def test_a_nan_batch_is_skipped_and_counted_or_stops_with_the_state_saved(tmp_path, corpus_cache, mode):
     run = tmp_path / "run"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,30 @@ class PreemptionSignals(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for name in self.signals:
             signal.signal(getattr(signal, name), lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+
+
+class CtrlCAtStepEnd(Callback):
+    """The first Ctrl-C during ``fit`` stops training at the end of the step in flight, by Lightning's SIGTERM path
+    (every rank stops after the same step; the last-checkpoint callback saves), so the saved state is a whole step's
+    and a resume goes on exactly as the uninterrupted run would; ``pressed`` tells ``train`` to exit 130 as for
+    Ctrl-C. A second Ctrl-C interrupts at once. A KeyboardInterrupt raised anywhere inside a step (between the
+    optimizer's update and Lightning's step counter, say) could leave a state whose resume repeats or skips work."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self._previous = signal.signal(signal.SIGINT, self._first_press)
+
+    def _first_press(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt, now
+        log.warning("Ctrl-C: stopping at the end of this step and saving last.ckpt (Ctrl-C again stops at once)")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None

@@ -30,6 +30,7 @@ from lm_lightning.tracking.provenance import now
 from lm_lightning.tracking.records import plot_loss_curves
 from lm_lightning.tracking.training_record import banner_lines, tracker_summary, training_record
 from lm_lightning.training.checkpoint_io import AtomicCheckpointIO
+from lm_lightning.training.guards import CtrlCAtStepEnd
 from lm_lightning.training.job import RULE, Job
 from lm_lightning.training.last_checkpoint import FinalStepCheckpoint, LoggedStepOnResume, save_last
 from lm_lightning.training.setup import apply_scaling, objective_config, start_from_checkpoint
@@ -89,20 +90,22 @@ def train(cfg: DictConfig, task_class: Callable[..., LanguageModelTask] = Langua
     with Job(cfg, hyperparameters) as job:
         last_every = (cfg.get("callbacks") or {}).get("last_checkpoint") or {}
         final_step = FinalStepCheckpoint(checkpoint_dir / "last.ckpt", last_every.get("every_n_train_steps"))
-        trainer = job.build_trainer(callbacks=[*instantiate_group(cfg.callbacks), final_step, LoggedStepOnResume()],
-                                    strategy=strategy,
-                                    plugins=[AtomicCheckpointIO()])
+        ctrl_c = CtrlCAtStepEnd()
+        trainer = job.build_trainer(callbacks=[*instantiate_group(cfg.callbacks), final_step, LoggedStepOnResume(),
+                                               ctrl_c], strategy=strategy, plugins=[AtomicCheckpointIO()])
         stopped_by_signal = interrupted = False
         try:
             job.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:
-            # Lightning finished the batch in flight; the last-checkpoint callback saved last.ckpt
-            stopped_by_signal = True
+            # Lightning finished the batch in flight; the last-checkpoint callback saved last.ckpt. A first Ctrl-C
+            # comes this way too (CtrlCAtStepEnd), and then stops the command as Ctrl-C does
+            stopped_by_signal, interrupted = True, ctrl_c.pressed
         except SystemExit:
             if not trainer.interrupted:
                 raise
-            # Ctrl-C: Lightning shut down gracefully (the callbacks saved their state) and then exits 1 without a
-            # word; save last.ckpt and print the resume line as for SIGTERM, then stop the command (and a sweep)
+            # a second Ctrl-C: Lightning shut down gracefully (the callbacks saved their state) and then exits 1
+            # without a word; save last.ckpt and print the resume line as for SIGTERM, then stop the command (and a
+            # sweep)
             stopped_by_signal = interrupted = True
             signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning left Ctrl-C ignored
         if not trainer.fast_dev_run:  # Lightning's fast dev run saves nothing (debug=fdr)

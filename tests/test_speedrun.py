@@ -42,3 +42,11 @@ def test_the_table_gives_each_variant_its_mean_and_spread(speedrun, tmp_path):
                          "wall 120-120 s of a 1800 s budget")
     assert lines[-1].startswith("baseline: mean val bpb 1.8760 over 1 seed(s); wall 1820-1820 s")
     assert lines[4].endswith("1.8760  over budget")  # training plus evaluation past 30 minutes is flagged
+
+
+def test_the_baseline_runs_in_turn_with_the_record_at_its_first_seeds_only(speedrun):
+    assert speedrun.run_order(3, ["record", "baseline"], 1) == [("record", 0), ("baseline", 0), ("record", 1),
+                                                               ("record", 2)]
+    assert speedrun.run_order(2, ["record", "baseline"], 2) == [("record", 0), ("baseline", 0), ("record", 1),
+                                                               ("baseline", 1)]
+    assert speedrun.run_order(2, ["record"], 1) == [("record", 0), ("record", 1)]

@@ -3,6 +3,7 @@ no sentencepiece internals, shell completion, each command's own --help page, an
 command naming the right one."""
 
 import io
+import logging
 import os
 import re
 import shutil
@@ -156,3 +157,17 @@ def test_an_align_experiment_run_by_train_ends_with_the_command_to_run(tmp_path)
     assert proc.stderr.splitlines() == ["error: experiment=dpo is for lm-lightning align: run lm-lightning align experiment=dpo"]
     assert not (tmp_path / "logs").exists()
 
+
+
+def test_saving_the_last_checkpoint_does_not_log_weights_only_false(tmp_path, corpus_cache, caplog):
+    """The end-of-run ``last.ckpt`` (25 steps: not a multiple of its 100-step refresh) asks for the full, resumable
+    state itself: Lightning's "`weights_only` was not set, defaulting to `False`" would read as unsafe loading."""
+    lightning_log = logging.getLogger("lightning.pytorch")  # its own handler; it does not propagate to caplog's
+    lightning_log.addHandler(caplog.handler)
+    try:
+        run_in_process("train", "experiment=tiny", "trainer.max_steps=25", "logger=csv", "sample.max_new_tokens=0",
+                       f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, cache=corpus_cache)
+    finally:
+        lightning_log.removeHandler(caplog.handler)
+    assert "`Trainer.fit` stopped: `max_steps=25` reached" in caplog.text
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file() and "weights_only" not in caplog.text

@@ -49,7 +49,7 @@ class NonFiniteGuard(Callback):
                 p.grad = None
             path = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
             path = path / f"nonfinite-step{step}.ckpt"
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the full state (optimizer too): it resumes
             raise NonFiniteError(f"non-finite loss or gradient at step {step}; the weights from before it are "
                                  f"saved in {path} (callbacks.nonfinite.mode=skip skips such steps instead)")
         for p in pl_module.parameters():

@@ -45,7 +45,7 @@ class FinalStepCheckpoint(Callback):
             return
         if 0 < trainer.max_steps <= step and self.saved_step != step and not (
                 self.every_n_train_steps and step % self.every_n_train_steps == 0):
-            trainer.save_checkpoint(self.staged)
+            trainer.save_checkpoint(self.staged, weights_only=False)  # the full state: it resumes
             self.saved_step = step
 
     def put_in_place(self) -> None:
@@ -94,4 +94,4 @@ def save_last(trainer: L.Trainer, path: Path) -> None:
                       for callback in trainer.checkpoint_callbacks
                       if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.last_model_path)
     if not trainer.strategy.broadcast(current, src=0):
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: it resumes

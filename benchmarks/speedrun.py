@@ -31,10 +31,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-#: what ``--baseline`` sets back to gutenberg_bpe8k's: optimizer, tokenizer and model shape
+#: what ``--baseline`` sets back to gutenberg_bpe8k's: optimizer, tokenizer and model shape, and the steps of that
+#: shape that fit the same budget (gutenberg_bpe8k's 1,250)
 BASELINE_OVERRIDES = ("optimizer=adamw", "optimizer.lr=1.0e-3", "tokenizer=bpe", "tokenizer.vocab_size=8192",
                       "model=gpt", "model.block_size=128", "model.n_layer=6", "model.n_head=8", "model.n_embd=256",
-                      "data.batch_size=32")
+                      "data.batch_size=32", "trainer.max_steps=1250", "trainer.val_check_interval=625")
 
 
 @dataclass

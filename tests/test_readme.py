@@ -83,6 +83,8 @@ def test_every_lm_lightning_line_composes_as_written_and_names_files_that_exist(
     if "--config-name" in args:  # a sweep file under sweeps/, over conf/ (the app's own folder)
         sweep = args[args.index("--config-name") + 1]
         overrides = [a for a in args if "=" in a and not a.startswith("-")]
+        if "-m" in args:  # a sweep's job gets one value of each list: compose the first
+            overrides = [a if "[" in a else a.split(",")[0] for a in overrides]
         with initialize_config_dir(config_dir=str(REPO / "sweeps"), version_base="1.3"):
             cfg = compose(config_name=sweep, overrides=[*overrides, f"hydra.searchpath=[file://{CONF_DIR}]"])
         assert cfg.experiment_name

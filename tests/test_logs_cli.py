@@ -158,7 +158,6 @@ def test_an_align_experiment_run_by_train_ends_with_the_command_to_run(tmp_path)
     assert not (tmp_path / "logs").exists()
 
 
-
 def test_saving_the_last_checkpoint_does_not_log_weights_only_false(tmp_path, corpus_cache, caplog):
     """The end-of-run ``last.ckpt`` (25 steps: not a multiple of its 100-step refresh) asks for the full, resumable
     state itself: Lightning's "`weights_only` was not set, defaulting to `False`" would read as unsafe loading."""

@@ -14,8 +14,10 @@ validation split, the figure ``val/bpb`` reports during training (document separ
 ``--baseline`` runs, in turn with the record (record, baseline, record, baseline, ...: machines drift), the same
 experiment with the optimizer, tokenizer and model shape of ``gutenberg_bpe8k`` (the 1.876 bits-per-byte starting
 point), so the gain is measured side by side on one machine; ``--baseline-seeds`` (1 by default: each run takes half
-an hour) says how many of the seeds the baseline runs too. Corpus preparation is not timed: each variant's
-corpus is prepared (or found in the cache) before the first timed run.
+an hour) says how many of the seeds the baseline runs too. ``--variant NAME='key=value ...'`` adds a named
+variant, the record with those overrides on top, run in turn the same way: one row of the README's change log
+measured beside the record (``--variant adamw='optimizer=adamw optimizer.lr=1e-3'``). Corpus preparation is not
+timed: each variant's corpus is prepared (or found in the cache) before the first timed run.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -125,8 +128,19 @@ def table(results: list[Result], budget_s: float) -> list[str]:
 
 
 def run_order(seeds: int, variants: list[str], baseline_seeds: int) -> list[tuple[str, int]]:
-    """(variant, seed) in the order they run: variants in turn at each seed, the baseline at its first seeds only."""
-    return [(name, seed) for seed in range(seeds) for name in variants if name != "baseline" or seed < baseline_seeds]
+    """(variant, seed) in the order they run: variants in turn at each seed; all but the record at the first
+    ``baseline_seeds`` seeds only."""
+    return [(name, seed) for seed in range(seeds) for name in variants if name == "record" or seed < baseline_seeds]
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME=key=value key=value`` -> (NAME, its overrides); the name becomes part of run folder names."""
+    name, _, overrides = text.partition("=")
+    if not name.isidentifier() or name in ("record", "baseline") or not overrides.strip():
+        raise argparse.ArgumentTypeError(
+            f"--variant {text!r}: expected NAME='key=value ...' with NAME a word other than record and baseline, "
+            "for example --variant adamw='optimizer=adamw optimizer.lr=1e-3'")
+    return name, shlex.split(overrides)
 
 
 def main() -> None:
@@ -134,7 +148,10 @@ def main() -> None:
     parser.add_argument("--experiment", default="speedrun_gutenberg", help="conf/experiment/<name>.yaml to run")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1, each a full run")
     parser.add_argument("--baseline", action="store_true", help="also run gutenberg_bpe8k's optimizer, tokenizer, shape")
-    parser.add_argument("--baseline-seeds", type=int, default=1, help="how many of the seeds the baseline runs")
+    parser.add_argument("--baseline-seeds", type=int, default=1,
+                        help="how many of the seeds the baseline and each --variant run")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME='KEY=VALUE ...'",
+                        help="another variant: the record with these overrides, run in turn with it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an extra override for every run")
     parser.add_argument("--budget-minutes", type=float, default=30.0, help="the wall-time budget each run is held to")
     parser.add_argument("--stride-fraction", type=float, default=0.5, help="evaluation stride as a share of the context")
@@ -142,7 +159,8 @@ def main() -> None:
     args = parser.parse_args()
 
     record = [f"experiment={args.experiment}", *args.set]
-    variants = {"record": record, **({"baseline": [*record, *BASELINE_OVERRIDES]} if args.baseline else {})}
+    variants = {"record": record, **({"baseline": [*record, *BASELINE_OVERRIDES]} if args.baseline else {}),
+                **{name: [*record, *overrides] for name, overrides in args.variant}}
     args.out.mkdir(parents=True, exist_ok=True)
     for name, overrides in variants.items():
         prepare(overrides, args.out, name)

@@ -50,3 +50,13 @@ def test_the_baseline_runs_in_turn_with_the_record_at_its_first_seeds_only(speed
     assert speedrun.run_order(2, ["record", "baseline"], 2) == [("record", 0), ("baseline", 0), ("record", 1),
                                                                ("baseline", 1)]
     assert speedrun.run_order(2, ["record"], 1) == [("record", 0), ("record", 1)]
+
+
+def test_a_named_variant_is_the_record_with_its_overrides_run_in_turn_at_the_baseline_seeds(speedrun):
+    assert speedrun.parse_variant("adamw=optimizer=adamw optimizer.lr=1e-3") == (
+        "adamw", ["optimizer=adamw", "optimizer.lr=1e-3"])
+    assert speedrun.run_order(2, ["record", "baseline", "adamw"], 1) == [("record", 0), ("baseline", 0),
+                                                                        ("adamw", 0), ("record", 1)]
+    for bad in ("record=optimizer=adamw", "adamw=", "two words=optimizer=adamw"):
+        with pytest.raises(speedrun.argparse.ArgumentTypeError, match="expected NAME="):
+            speedrun.parse_variant(bad)

@@ -165,7 +165,12 @@ def check_threads(num_threads: int | None) -> None:
 
 
 def set_threads(num_threads: int | None) -> None:
+    """The CPU settings of every command that runs torch: ``num_threads`` intra-op threads, and freed memory kept
+    for reuse (parallel/allocator.py)."""
+    from lm_lightning.parallel.allocator import keep_freed_memory  # here: lm_lightning.parallel loads torch
+
     check_threads(num_threads)
+    keep_freed_memory()
     if num_threads:
         import torch  # here, not at the top: a command refused before it runs never loads torch
 

@@ -60,6 +60,14 @@ def check_train_config(cfg: DictConfig) -> None:
                         f"scheduler.warmup_steps={scheduler.warmup_steps} (shorten the warmup for short runs)")
     check_ranges(cfg)
     check_scaling_options(cfg.get("scaling"))
+    if (cfg.get("scaling") or {}).get("fit"):
+        from lm_lightning.scaling.planner import load_law
+
+        load_law(cfg.scaling.fit)  # a missing or fit-less file is named now, before the run folder is made
+    if (cfg.get("scaling") or {}).get("time_budget"):
+        raise UserError("scaling.time_budget is for `lm-lightning scaling plan`, which measures each depth's speed "
+                        "and prints the plan: train it with the model.n_layer and trainer.max_steps it prints, or "
+                        "with scaling.compute_budget")
     check_logger_modes(cfg.get("logger"))
     if isinstance(cfg.get("sample"), DictConfig):  # the sample at the end of the run: refused now, not after training
         from lm_lightning.generation.sampling import check_sampling_options

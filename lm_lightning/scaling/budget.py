@@ -63,7 +63,22 @@ def check_scaling_options(scaling: Mapping[str, Any] | None) -> None:
     check_numbers(scaling, {"compute_budget": (float, _positive, "training FLOPs, a number > 0"),
                             "tokens_per_param": (float, _positive, "a number > 0"),
                             "aspect_ratio": (float, _positive, "a number > 0 (width / depth)"),
-                            "head_size": (int, _positive, "a whole number > 0")}, "scaling.")
+                            "head_size": (int, _positive, "a whole number > 0"),
+                            "time_budget": (float, _positive, "seconds of training, a number > 0"),
+                            "measure_steps": (int, _positive, "a whole number > 0")}, "scaling.")
+    scaling = scaling or {}
+    if scaling.get("fit"):
+        if scaling.get("tokens_per_param"):
+            raise UserError("scaling.fit and scaling.tokens_per_param both choose the depth: set one of them")
+        if not scaling.get("aspect_ratio"):
+            raise UserError("scaling.fit chooses the depth: set scaling.aspect_ratio (the width per layer the "
+                            "ladder used) too")
+        if bool(scaling.get("compute_budget")) == bool(scaling.get("time_budget")):
+            raise UserError("scaling.fit needs one budget: scaling.compute_budget (training FLOPs) or "
+                            "scaling.time_budget (seconds)")
+    elif scaling.get("time_budget"):
+        raise UserError("scaling.time_budget needs scaling.fit=<fits.json>: the fitted L(N, D) turns each depth's "
+                        "measured tokens a second into a predicted loss")
 
 
 def _positive(value: float) -> bool:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lm_lightning.config.app import plain
 from lm_lightning.errors import UserError
 from lm_lightning.scaling.budget import describe_plan, plan_budget, shape_for_depth
+from lm_lightning.scaling.planner import load_law, plan_from_fit
 from lm_lightning.training.loading import load_trained
 
 log = logging.getLogger("lm_lightning.cli.train")
@@ -148,7 +149,13 @@ def apply_scaling(cfg: DictConfig, model_cfg: dict[str, Any], tokens_per_step: i
     tokens per parameter, the depth) from a compute budget. Updates ``cfg`` so the run record and
     the tracker show the shape and length actually trained."""
     scaling = cfg.get("scaling") or {}
-    if scaling.get("compute_budget"):
+    if scaling.get("compute_budget") and scaling.get("fit"):
+        plan, _ = plan_from_fit(model_cfg, load_law(scaling.fit), tokens_per_step, scaling.aspect_ratio,
+                                scaling.head_size, budget=float(scaling.compute_budget))
+        shape = {k: getattr(plan, k) for k in ("n_layer", "n_embd", "n_head") if k in model_cfg}
+        cfg.trainer.max_steps = plan.steps
+        log.info("compute budget, depth from the fit %s: %s", scaling.fit, describe_plan(plan, float(scaling.compute_budget)))
+    elif scaling.get("compute_budget"):
         plan = plan_budget(model_cfg, float(scaling.compute_budget), tokens_per_step, scaling.aspect_ratio,
                            scaling.head_size, scaling.tokens_per_param)
         shape = {k: getattr(plan, k) for k in ("n_layer", "n_embd", "n_head") if k in model_cfg}

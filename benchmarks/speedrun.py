@@ -143,6 +143,15 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(overrides)
 
 
+def build_variants(record: list[str], baseline: bool, named: list[tuple[str, list[str]]]) -> dict[str, list[str]]:
+    """Each variant's overrides: the record's, the baseline's (``--baseline``) and each named one on the record's."""
+    names = [name for name, _ in named]
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"--variant {', '.join(repeated)} given more than once: name each variant once")
+    return {"record": record, **({"baseline": [*record, *BASELINE_OVERRIDES]} if baseline else {}),
+            **{name: [*record, *overrides] for name, overrides in named}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="speedrun_gutenberg", help="conf/experiment/<name>.yaml to run")
@@ -158,9 +167,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/speedrun"), help="run folders and logs")
     args = parser.parse_args()
 
-    record = [f"experiment={args.experiment}", *args.set]
-    variants = {"record": record, **({"baseline": [*record, *BASELINE_OVERRIDES]} if args.baseline else {}),
-                **{name: [*record, *overrides] for name, overrides in args.variant}}
+    try:
+        variants = build_variants([f"experiment={args.experiment}", *args.set], args.baseline, args.variant)
+    except ValueError as err:
+        parser.error(str(err))
     args.out.mkdir(parents=True, exist_ok=True)
     for name, overrides in variants.items():
         prepare(overrides, args.out, name)

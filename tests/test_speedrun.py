@@ -60,3 +60,11 @@ def test_a_named_variant_is_the_record_with_its_overrides_run_in_turn_at_the_bas
     for bad in ("record=optimizer=adamw", "adamw=", "two words=optimizer=adamw"):
         with pytest.raises(speedrun.argparse.ArgumentTypeError, match="expected NAME="):
             speedrun.parse_variant(bad)
+
+
+def test_variants_are_the_record_with_their_overrides_and_a_repeated_name_is_refused(speedrun):
+    variants = speedrun.build_variants(["experiment=x"], True, [("adamw", ["optimizer=adamw"])])
+    assert variants == {"record": ["experiment=x"], "baseline": ["experiment=x", *speedrun.BASELINE_OVERRIDES],
+                        "adamw": ["experiment=x", "optimizer=adamw"]}
+    with pytest.raises(ValueError, match="--variant adamw given more than once"):
+        speedrun.build_variants(["experiment=x"], False, [("adamw", ["optimizer=adamw"]), ("adamw", ["optimizer.lr=1"])])

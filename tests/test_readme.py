@@ -38,6 +38,7 @@ The other lines run (shortened) in the tests of their commands, not again here:
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -100,12 +101,21 @@ def test_the_readme_lines_that_train_nothing_run_as_written(tmp_path):
     assert len(LINES) >= 8  # the README's lm-lightning lines were found (each composes in the test above)
     lines = [line for line in LINES if "--cfg" in line or line.startswith(("lm-lightning scaling plan",
                                                                            "lm-lightning estimate"))]
-    assert len(lines) == 3, lines
+    assert len(lines) >= 4, lines
     for line in lines:
         command, args = command_and_args(line)
+        fit = next((a.split("=", 1)[1] for a in args if a.startswith("scaling.fit=")), None)
+        if fit:  # the ladder's fit the line reads: an L(N, D) as `scaling fit` writes it
+            (tmp_path / fit).mkdir(parents=True, exist_ok=True)
+            (tmp_path / fit / "fits.json").write_text(json.dumps(
+                {"L(N,D)": {"E": 1.7, "A": 400.0, "B": 410.0, "alpha": 0.34, "beta": 0.28}}))
+        if "scaling.time_budget" in line:  # speed measured on two windows, one timed step per depth
+            args = [*args, "data.batch_size=2", "scaling.measure_steps=1"]
         out = run_in_process(*command, *args, cwd=tmp_path, cache=tmp_path / "cache").stdout
         if "--cfg" in args:
             assert "type: unigram" in out and "vocab_size: 2048" in out, line
+        elif command == ["scaling", "plan"] and fit:
+            assert "predicted loss" in out and "<- plan" in out and "plan: n_layer" in out, line
         elif command == ["scaling", "plan"]:
             assert "of the budget 1e+13" in out, line
         else:

@@ -101,7 +101,7 @@ def test_the_readme_lines_that_train_nothing_run_as_written(tmp_path):
     assert len(LINES) >= 8  # the README's lm-lightning lines were found (each composes in the test above)
     lines = [line for line in LINES if "--cfg" in line or line.startswith(("lm-lightning scaling plan",
                                                                            "lm-lightning estimate"))]
-    assert len(lines) >= 4, lines
+    assert len(lines) == 5, lines
     for line in lines:
         command, args = command_and_args(line)
         fit = next((a.split("=", 1)[1] for a in args if a.startswith("scaling.fit=")), None)

@@ -37,40 +37,29 @@ def scaling_plan(cfg: DictConfig) -> Plan:
 def _plan_from_fit(cfg: DictConfig, model_cfg: dict, tokens_per_step: int) -> Plan:
     import hydra
 
-    from lm_lightning.scaling.planner import describe_candidates, load_law, plan_from_fit
+    from lm_lightning.scaling.planner import describe_candidates, load_law, measure_tokens_per_second, plan_from_fit
 
     scaling = cfg.scaling
     law = load_law(scaling.fit)
+    budget = float(scaling.compute_budget) if scaling.compute_budget else None
+    seconds = float(scaling.time_budget) if scaling.time_budget else None
     speed = None
-    if scaling.time_budget:
+    if seconds:
         set_threads(cfg.get("num_threads"))
-        speed = functools.partial(_measured, optimizer=hydra.utils.instantiate(cfg.optimizer),
+        speed = functools.partial(measure_tokens_per_second, optimizer_factory=hydra.utils.instantiate(cfg.optimizer),
                                   batch_size=cfg.data.batch_size * cfg.trainer.accumulate_grad_batches,
                                   steps=int(scaling.measure_steps))
     plan, candidates = plan_from_fit(model_cfg, law, tokens_per_step, scaling.aspect_ratio, scaling.head_size,
-                                     budget=float(scaling.compute_budget) if scaling.compute_budget else None,
-                                     seconds=float(scaling.time_budget) if scaling.time_budget else None,
-                                     tokens_per_second=speed)
-    budget = (f"{float(scaling.compute_budget):.4g} training FLOPs" if scaling.compute_budget
-              else f"{float(scaling.time_budget):,.0f} s of training at each depth's measured tokens/s")
+                                     budget=budget, seconds=seconds, tokens_per_second=speed)
+    at = (f"{budget:.4g} training FLOPs" if budget
+          else f"{seconds:,.0f} s of training at each depth's measured tokens/s")
     print(f"L(N, D) = {law['E']:.4g} + {law['A']:.4g}/N^{law['alpha']:.4f} + {law['B']:.4g}/D^{law['beta']:.4f} "
-          f"from {scaling.fit}, at {budget}:", flush=True)
+          f"from {scaling.fit}, at {at}:", flush=True)
     print(describe_candidates(candidates, plan), flush=True)
-    if scaling.compute_budget:
-        print(f"plan: {describe_plan(plan, float(scaling.compute_budget))}", flush=True)
-    else:
-        print(f"plan: n_layer {plan.n_layer}, n_embd {plan.n_embd}, n_head {plan.n_head}: {plan.steps:,} steps, "
-              f"N {plan.non_embedding:,}, D {plan.tokens:,} ({plan.tokens / plan.non_embedding:.1f} tokens/N), "
-              f"C {plan.flops:.4g} FLOPs in {float(scaling.time_budget):,.0f} s of training", flush=True)
+    print(f"plan: {describe_plan(plan, budget, seconds)}", flush=True)
     print(f"train it: lm-lightning train model.n_layer={plan.n_layer} model.n_embd={plan.n_embd} "
           f"model.n_head={plan.n_head} trainer.max_steps={plan.steps} (with this command's other options)", flush=True)
     return plan
-
-
-def _measured(model_cfg: dict, optimizer, batch_size: int, steps: int) -> float:
-    from lm_lightning.scaling.planner import measure_tokens_per_second
-
-    return measure_tokens_per_second(model_cfg, optimizer, batch_size, steps=steps)
 
 
 @hydra_command("scaling_plan")

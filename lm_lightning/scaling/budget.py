@@ -116,8 +116,10 @@ def plan_budget(model_cfg: Mapping[str, Any], budget: float, tokens_per_step: in
     return Plan(n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape.get("n_head", 0), steps=steps, non_embedding=n, flops_per_token=fpt, tokens=tokens, flops=tokens * fpt)
 
 
-def describe_plan(plan: Plan, budget: float) -> str:
-    """One line: the shape, the steps, N, D, D/N and C against the budget."""
+def describe_plan(plan: Plan, budget: float | None, seconds: float | None = None) -> str:
+    """One line: the shape, the steps, N, D, D/N and C against the FLOP budget (or in ``seconds`` of training)."""
+    spent = (f"in {seconds:,.0f} s of training" if budget is None
+             else f"= {plan.flops / budget:.2%} of the budget {budget:.4g}")
     return (f"n_layer {plan.n_layer}, n_embd {plan.n_embd}, n_head {plan.n_head}: {plan.steps:,} steps, "
             f"N {plan.non_embedding:,}, D {plan.tokens:,} ({plan.tokens / plan.non_embedding:.1f} tokens/N), "
-            f"C {plan.flops:.4g} FLOPs = {plan.flops / budget:.2%} of the budget {budget:.4g}")
+            f"C {plan.flops:.4g} FLOPs {spent}")

@@ -149,18 +149,18 @@ def apply_scaling(cfg: DictConfig, model_cfg: dict[str, Any], tokens_per_step: i
     tokens per parameter, the depth) from a compute budget. Updates ``cfg`` so the run record and
     the tracker show the shape and length actually trained."""
     scaling = cfg.get("scaling") or {}
-    if scaling.get("compute_budget") and scaling.get("fit"):
-        plan, _ = plan_from_fit(model_cfg, load_law(scaling.fit), tokens_per_step, scaling.aspect_ratio,
-                                scaling.head_size, budget=float(scaling.compute_budget))
+    if scaling.get("compute_budget"):
+        budget = float(scaling.compute_budget)
+        if scaling.get("fit"):
+            plan, _ = plan_from_fit(model_cfg, load_law(scaling.fit), tokens_per_step, scaling.aspect_ratio,
+                                    scaling.head_size, budget=budget)
+        else:
+            plan = plan_budget(model_cfg, budget, tokens_per_step, scaling.aspect_ratio, scaling.head_size,
+                               scaling.tokens_per_param)
         shape = {k: getattr(plan, k) for k in ("n_layer", "n_embd", "n_head") if k in model_cfg}
         cfg.trainer.max_steps = plan.steps
-        log.info("compute budget, depth from the fit %s: %s", scaling.fit, describe_plan(plan, float(scaling.compute_budget)))
-    elif scaling.get("compute_budget"):
-        plan = plan_budget(model_cfg, float(scaling.compute_budget), tokens_per_step, scaling.aspect_ratio,
-                           scaling.head_size, scaling.tokens_per_param)
-        shape = {k: getattr(plan, k) for k in ("n_layer", "n_embd", "n_head") if k in model_cfg}
-        cfg.trainer.max_steps = plan.steps
-        log.info("compute budget: %s", describe_plan(plan, float(scaling.compute_budget)))
+        source = f", depth from the fit {scaling.fit}" if scaling.get("fit") else ""
+        log.info("compute budget%s: %s", source, describe_plan(plan, budget))
     elif scaling.get("aspect_ratio"):
         shape = shape_for_depth(int(model_cfg["n_layer"]), scaling.aspect_ratio, scaling.head_size)
     else:

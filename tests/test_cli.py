@@ -19,9 +19,9 @@ def trained_run(tiny_run) -> Path:
 
 
 def test_multirun_gives_one_wandb_run_and_one_csv_log_per_job_in_one_group(tmp_path, corpus_cache):
-    proc = run_in_process("train", "-m", *QUICK, "model.n_layer=1,2", f"paths.log_dir={tmp_path / 'out'}",
-                          cwd=tmp_path, cache=corpus_cache)
-    jobs = sorted(p for p in (tmp_path / "out" / "tiny" / "multiruns").glob("*/*") if p.is_dir())
+    proc = run_in_process("train", "-m", *QUICK, "model.n_layer=1,2", "experiment_name=depths",
+                          f"paths.log_dir={tmp_path / 'out'}", cwd=tmp_path, cache=corpus_cache)
+    jobs = sorted(p for p in (tmp_path / "out" / "depths" / "multiruns").glob("*/*") if p.is_dir())
     assert len(jobs) == 2
     assert ["model.n_layer=1" in jobs[0].name, "model.n_layer=2" in jobs[1].name] == [True, True]
     run_ids, groups = set(), set()
@@ -34,7 +34,8 @@ def test_multirun_gives_one_wandb_run_and_one_csv_log_per_job_in_one_group(tmp_p
         run_ids.add(wandb_runs[0].name.rsplit("-", 1)[1])
         assert (wandb_runs[0] / f"run-{wandb_runs[0].name.rsplit('-', 1)[1]}.wandb").stat().st_size > 0
         groups.add(record["group"])
-        assert record["run_name"] == f"tiny-model.n_layer={n_layer},sample.max_new_tokens=0,trainer.max_steps=30"
+        # the experiment name prefixes the run name, once: not again among the overrides
+        assert record["run_name"] == f"depths-model.n_layer={n_layer},sample.max_new_tokens=0,trainer.max_steps=30"
         assert sorted(step_losses(job)) == list(range(30)), "each job has its own full metric history"
     assert len(run_ids) == 2
     assert len(groups) == 1 and None not in groups

@@ -7,6 +7,7 @@ the refit of Besiroglu et al. 2024 E = 1.8172, A = 482.01, B = 2085.43, α = 0.3
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -216,6 +217,19 @@ def test_plots_write_png_files(tmp_path):
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == PNG_SIGNATURE and len(data) > 5000
+
+
+def test_a_fit_with_degenerate_bootstrap_samples_plots_without_numpy_warnings(tmp_path):
+    # L(C) over an IsoFLOP ladder of two budgets (the speedrun ladder's 11 runs): resamples of one budget give
+    # x_c = 0 or inf with alpha < 0, curves the band leaves out rather than warn about
+    C = [1e13, 3e13] * 5 + [3e13]
+    loss = [5.0079, 4.5535, 5.1905, 4.6182, 5.5038, 4.886, 5.7669, 5.1829, 5.9183, 5.3504, 5.4933]
+    fit = fit_power_law(C, loss)
+    assert np.any(fit.x_c_samples == 0) and np.any(fit.alpha_samples < 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = plot_power_law(fit, C, loss, "compute C", tmp_path / "loss_vs_C.png")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_results_serialise_to_json_without_the_sample_arrays():

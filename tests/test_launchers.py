@@ -10,6 +10,7 @@ run in this process; under parallel and local the jobs run in processes of their
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,20 @@ def test_finetune_sweeps_report_and_exit_1_when_a_job_failed(tmp_path, corpus_ca
     accuracy = json.loads((Path(jobs[0]["dir"]) / "run.json").read_text())["final"]["val/accuracy"]
     assert jobs[0]["detail"] == f"result {accuracy:.4f}"
     assert jobs[1]["detail"] == f"checkpoint not found: {missing} (pass ckpt_path=<an existing .ckpt file>)"
+
+
+def test_two_sweeps_resolving_one_timestamped_folder_get_a_folder_each(tmp_path, corpus_cache):
+    # sweeps started in the same second resolve ${now:%Y-%m-%d_%H-%M-%S} alike; a year stamp makes that certain
+    stamped = f"hydra.sweep.dir={tmp_path}/sweeps/${{now:%Y}}"
+    year = datetime.now().strftime("%Y")
+    run_in_process("train", "-m", *TINY, "model.n_layer=1", stamped, cwd=tmp_path, cache=corpus_cache)
+    second = run_in_process("train", "-m", *TINY, "model.n_layer=1", stamped, cwd=tmp_path, cache=corpus_cache)
+    folders = sorted((tmp_path / "sweeps").iterdir())
+    assert [folder.name for folder in folders] == [year, f"{year}_2"]
+    assert f"this one writes to {folders[1]}" in second.stdout + second.stderr
+    runs = []
+    for folder in folders:  # each sweep's summary lists its own job, which ran in its own folder
+        jobs = json.loads((folder / "summary.json").read_text())
+        assert len(jobs) == 1 and Path(jobs[0]["dir"]).parent == folder
+        runs.append(json.loads((Path(jobs[0]["dir"]) / "run.json").read_text()))
+    assert runs[0]["output_dir"] != runs[1]["output_dir"] and runs[0]["group"] != runs[1]["group"]

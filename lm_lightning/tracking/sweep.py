@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger("lm_lightning")
 
@@ -58,6 +58,7 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _first_rank():
             return
+        claim_sweep_folder(config)
         for stale in _outcome_files(Path(config.hydra.sweep.dir)):  # a sweep folder used before: its old jobs
             stale.unlink()
 
@@ -93,6 +94,34 @@ class SweepSummary(Callback):
         (sweep_dir / "summary.json").write_text(json.dumps(jobs, indent=2))
         if failed:
             sys.exit(1)
+
+
+def claim_sweep_folder(config: DictConfig) -> None:
+    """Two sweeps started in the same second resolve the same timestamped folder (``${now:...}`` in
+    ``hydra.sweep.dir``), where the second would delete the first's job outcomes and run its jobs in the first's job
+    folders. The folder is taken with an atomic ``mkdir``; a sweep that finds it taken moves to ``<folder>_2``
+    (``_3``, ...), for its jobs too (an override Hydra applies when it composes each job). A folder named without
+    ``${now:`` (``hydra.sweep.dir=<path>``, as a resumed sweep names it) is the user's to reuse."""
+    if "${now:" not in str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir")):
+        return
+    base = Path(config.hydra.sweep.dir)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    folder, number = base, 1
+    while True:
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            number += 1
+            folder = base.with_name(f"{base.name}_{number}")
+    if folder != base:
+        from lm_lightning.config.overrides import quote_values
+
+        log.warning("sweep folder %s is another sweep's (started in the same second): this one writes to %s",
+                    base, folder)
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.sweep.dir = str(folder)
+            config.hydra.overrides.hydra.append(quote_values([f"hydra.sweep.dir={folder}"])[0])
 
 
 OUTCOME_FILE = "job_outcome.json"  # in each job's folder: what the sweep summary reads back

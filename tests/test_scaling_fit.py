@@ -18,6 +18,7 @@ from lm_lightning.scaling.fit_common import r_squared
 from lm_lightning.scaling.isoflop import fit_isoflop
 from lm_lightning.scaling.plots import plot_frontier, plot_isoflop, plot_power_law
 from lm_lightning.scaling.power_law import fit_power_law
+from lm_lightning.scaling.predict import predict_all
 
 HOFFMANN = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 BESIROGLU = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
@@ -219,7 +220,7 @@ def test_plots_write_png_files(tmp_path):
         assert data[:8] == PNG_SIGNATURE and len(data) > 5000
 
 
-def test_a_fit_with_degenerate_bootstrap_samples_plots_without_numpy_warnings(tmp_path):
+def test_a_fit_with_degenerate_bootstrap_samples_plots_and_predicts_without_numpy_warnings(tmp_path):
     # L(C) over an IsoFLOP ladder of two budgets (the speedrun ladder's 11 runs): resamples of one budget give
     # x_c = 0 or inf with alpha < 0, curves the band leaves out rather than warn about
     C = [1e13, 3e13] * 5 + [3e13]
@@ -229,7 +230,10 @@ def test_a_fit_with_degenerate_bootstrap_samples_plots_without_numpy_warnings(tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         path = plot_power_law(fit, C, loss, "compute C", tmp_path / "loss_vs_C.png")
+        prediction = predict_all({"C": 2.5e14}, {"L(C)": fit}, seed_std=None)["L(C)"]
     assert path.read_bytes()[:8] == PNG_SIGNATURE
+    low, high = prediction["interval"]
+    assert low < prediction["loss"] < high and math.isfinite(high)
 
 
 def test_results_serialise_to_json_without_the_sample_arrays():

@@ -34,7 +34,7 @@ def _save(figure: Any, path: str | Path) -> Path:
 
 
 def _band(curves: Callable[[np.ndarray], np.ndarray], grid: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # degenerate samples: dropped below
+    with np.errstate(all="ignore"):  # degenerate samples: dropped below
         values = curves(grid)
     values = values[np.all(np.isfinite(values), axis=1)]
     return None if len(values) < 2 else tuple(np.percentile(values, [2.5, 97.5], axis=0))

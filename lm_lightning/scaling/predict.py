@@ -47,13 +47,13 @@ def parse_targets(targets: Iterable[Mapping[str, Any]], points: list[RunPoint]) 
 
 def _power_law_samples(law: PowerLawFit, x: float) -> np.ndarray:
     E = law.E_samples if law.E_samples is not None else 0.0
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):  # degenerate samples: bootstrap_interval drops them
         return (law.x_c_samples / x) ** law.alpha_samples + E
 
 
 def _chinchilla_samples(law: ChinchillaFit, N: float, D: float) -> np.ndarray:
     E, A, B, alpha, beta = law.parameter_samples.T
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):  # degenerate samples: bootstrap_interval drops them
         return E + A / N ** alpha + B / D ** beta
 
 

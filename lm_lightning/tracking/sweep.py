@@ -105,11 +105,10 @@ def claim_sweep_folder(config: DictConfig) -> None:
     if "${now:" not in str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir")):
         return
     base = Path(config.hydra.sweep.dir)
-    base.parent.mkdir(parents=True, exist_ok=True)
     folder, number = base, 1
     while True:
         try:
-            folder.mkdir()
+            folder.mkdir(parents=True)  # FileExistsError only for the folder itself
             break
         except FileExistsError:
             number += 1

@@ -302,3 +302,47 @@ def test_evaluations_during_fit_read_limit_val_batches_and_the_final_validation_
     assert task.last_val_step is None  # the 2-batch estimate at step 4 is not the final figure
     trainer.validate(task, dataloaders=DataLoader(windows, batch_size=None), verbose=False)
     assert counter.counts == [2, 2, 5]
+
+
+# --- gradient clipping reuses the non-finite guard's norm ------------------------------------------
+
+
+def test_clipping_reuses_the_guards_norm_and_clips_as_lightning_does(tmp_path, monkeypatch):
+    from functools import partial
+
+    import lightning as L
+
+    from lm_lightning.tasks.language_model import LanguageModelTask
+    from lm_lightning.training.guards import NonFiniteGuard
+
+    norms = []  # every total-norm pass over the gradients: the guard's and clipping's own
+
+    def counted(original):
+        def norm(*args, **kwargs):
+            norms.append(1)
+            return original(*args, **kwargs)
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", counted(torch.nn.utils.get_total_norm))
+    monkeypatch.setattr(torch.nn.utils.clip_grad, "_get_total_norm", counted(torch.nn.utils.clip_grad._get_total_norm))
+    windows = [torch.randint(50, (2, 17)) for _ in range(3)]
+
+    def train(callbacks):
+        torch.manual_seed(0)
+        task = LanguageModelTask(model={"_target_": "lm_lightning.models.gpt.build_gpt", "vocab_size": 50,
+                                        "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16},
+                                 objective={"_target_": "lm_lightning.objectives.causal_lm.CausalLM"},
+                                 optimizer=partial(torch.optim.AdamW, lr=1e-2))
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, gradient_clip_val=0.05, logger=False, callbacks=callbacks,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)
+        trainer.fit(task, train_dataloaders=DataLoader(windows, batch_size=None))
+        return task.state_dict()
+
+    lightnings = train([])  # Lightning's clipping: one norm a step
+    assert len(norms) == 3
+    norms.clear()
+    reused = train([NonFiniteGuard()])  # the guard's norm, reused: still one a step
+    assert len(norms) == 3
+    for name, value in lightnings.items():
+        torch.testing.assert_close(reused[name], value, rtol=0, atol=0, msg=name)

@@ -13,6 +13,7 @@ import hydra
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -78,6 +79,8 @@ class LanguageModelTask(L.LightningModule):
         self.last_val_step: int | None = None  # global step of the latest validation
         self.carried = CarriedState()  # the recurrent state across stream windows (data.sampling=streams)
         self._streams = False
+        # this step's total gradient norm where the non-finite guard computed it, for clipping to reuse
+        self.grad_norm: torch.Tensor | None = None
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
@@ -190,6 +193,20 @@ class LanguageModelTask(L.LightningModule):
 
     def on_fit_start(self) -> None:
         use_tf32_on_cuda(self.device)  # fp32 matmuls on TF32 cores; CUDA only
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clipping by the global norm reuses the norm the non-finite guard computed this step (one pass over
+        the gradients instead of two, ~1% of a small model's step) where the gradients are whole tensors (one
+        device or DDP) and unscaled (no fp16 loss scaler); otherwise, Lightning's clipping."""
+        norm, self.grad_norm = self.grad_norm, None
+        if (norm is None or not gradient_clip_val or gradient_clip_algorithm not in (None, "norm")
+                or type(self.trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy)
+                or getattr(self.trainer.precision_plugin, "scaler", None) is not None):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lm_lightning.evaluation.harness_data import shared_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-INPUT = REPO.parent / "shared/data/tinyshakespeare/input.txt"
+INPUT = shared_data_dir() / "tinyshakespeare/input.txt"  # $LM_LIGHTNING_DATA, else ../shared/data
 # BASELINES.md's nanoGPT CPU command, with --log_interval=100 (less printing) as the side-by-side of 2026-12-06
 NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                 "--log_interval=100", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
@@ -52,6 +54,8 @@ class Run:
 def prepare_nanogpt_data(checkout: Path, text_path: Path = INPUT) -> Path:
     """Writes what nanoGPT's data/shakespeare_char/prepare.py writes: the sorted characters as the
     vocabulary (stoi/itos), uint16 ids, the first 90% of characters for training."""
+    if not text_path.is_file():
+        sys.exit(f"Tiny Shakespeare is not at {text_path}: set LM_LIGHTNING_DATA to the shared data folder")
     out = checkout / "data/shakespeare_char"
     out.mkdir(parents=True, exist_ok=True)
     data = text_path.read_text()

@@ -106,3 +106,18 @@ def test_two_sweeps_resolving_one_timestamped_folder_get_a_folder_each(tmp_path,
         assert len(jobs) == 1 and Path(jobs[0]["dir"]).parent == folder
         runs.append(json.loads((Path(jobs[0]["dir"]) / "run.json").read_text()))
     assert runs[0]["output_dir"] != runs[1]["output_dir"] and runs[0]["group"] != runs[1]["group"]
+
+
+def test_a_run_whose_timestamped_folder_another_run_holds_gets_a_folder_of_its_own(tmp_path, corpus_cache):
+    # runs started in the same second resolve ${now:%Y-%m-%d_%H-%M-%S} alike; a year stamp makes that certain
+    year = datetime.now().strftime("%Y")
+    taken = tmp_path / "runs" / year
+    taken.mkdir(parents=True)
+    (taken / "theirs.txt").write_text("another run's file")
+    second = run_in_process("train", *TINY, f"hydra.run.dir={tmp_path}/runs/${{now:%Y}}", cwd=tmp_path,
+                            cache=corpus_cache)
+    own = tmp_path / "runs" / f"{year}_2"
+    assert f"this one writes to {own}" in second.stdout + second.stderr
+    assert sorted(p.name for p in taken.iterdir()) == ["theirs.txt"]  # nothing written into the other run's folder
+    record = json.loads((own / "run.json").read_text())
+    assert record["output_dir"] == str(own) and record["status"] == "finished"

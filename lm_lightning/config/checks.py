@@ -260,6 +260,8 @@ def _lock_existing_run_folder(config: DictConfig) -> str | None:
         folder = OmegaConf.select(config, "hydra.run.dir")
     except OmegaConfBaseException:
         return None
+    if "${now:" in str(OmegaConf.to_container(config.hydra.run, resolve=False).get("dir")):
+        return None  # a timestamped folder another run holds is not this one's: SweepSummary moves it aside
     if not folder or not Path(folder).is_dir():
         return None
     try:

@@ -44,7 +44,7 @@ def sweep_row(record: dict[str, Any]) -> dict[str, Any]:
 class SweepSummary(Callback):
     """Hydra callback: each job writes its outcome to ``<job>/job_outcome.json``; at the end of the multirun the
     parent process reads them back, prints a table, writes ``<sweep>/summary.json`` and exits with status 1 when
-    any job failed.
+    any job failed. It also gives a run or sweep a timestamped folder of its own (:func:`claim_stamped_folder`).
 
     The job hooks run where the job runs (the parent under the basic launcher, a worker process under joblib, a
     SLURM or local submitit job), so they leave files; ``on_multirun_end`` runs in the parent under every launcher.
@@ -55,10 +55,14 @@ class SweepSummary(Callback):
     def __init__(self) -> None:
         self.jobs: dict[int, dict[str, Any]] = {}  # job number -> outcome, for the jobs run in this process
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _first_rank():  # other ranks name their folder (torchrun's must, Lightning's get the first's)
+            claim_stamped_folder(config, "run")
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _first_rank():
             return
-        claim_sweep_folder(config)
+        claim_stamped_folder(config, "sweep")
         for stale in _outcome_files(Path(config.hydra.sweep.dir)):  # a sweep folder used before: its old jobs
             stale.unlink()
 
@@ -96,15 +100,16 @@ class SweepSummary(Callback):
             sys.exit(1)
 
 
-def claim_sweep_folder(config: DictConfig) -> None:
-    """Two sweeps started in the same second resolve the same timestamped folder (``${now:...}`` in
-    ``hydra.sweep.dir``), where the second would delete the first's job outcomes and run its jobs in the first's job
-    folders. The folder is taken with an atomic ``mkdir``; a sweep that finds it taken moves to ``<folder>_2``
-    (``_3``, ...), for its jobs too (an override Hydra applies when it composes each job). A folder named without
-    ``${now:`` (``hydra.sweep.dir=<path>``, as a resumed sweep names it) is the user's to reuse."""
-    if "${now:" not in str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir")):
+def claim_stamped_folder(config: DictConfig, mode: str) -> None:
+    """Two runs (``mode`` "run") or two sweeps ("sweep") started in the same second resolve the same timestamped
+    folder (``${now:...}`` in ``hydra.<mode>.dir``): a second run would be refused by the first's lock after Hydra
+    wrote its config files into the first's folder, a second sweep would delete the first's job outcomes and run
+    its jobs in the first's job folders. The folder is taken with an atomic ``mkdir``; one that finds it taken moves
+    to ``<folder>_2`` (``_3``, ...), a sweep's jobs too (an override Hydra applies when it composes each job). A
+    folder named without ``${now:`` (``hydra.run.dir=<path>`` of a resume) is the user's to reuse."""
+    if "${now:" not in str(OmegaConf.to_container(config.hydra[mode], resolve=False).get("dir")):
         return
-    base = Path(config.hydra.sweep.dir)
+    base = Path(config.hydra[mode].dir)
     folder, number = base, 1
     while True:
         try:
@@ -116,11 +121,11 @@ def claim_sweep_folder(config: DictConfig) -> None:
     if folder != base:
         from lm_lightning.config.overrides import quote_values
 
-        log.warning("sweep folder %s is another sweep's (started in the same second): this one writes to %s",
-                    base, folder)
+        log.warning("%s folder %s is another %s's (started in the same second): this one writes to %s",
+                    mode, base, mode, folder)
         with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.sweep.dir = str(folder)
-            config.hydra.overrides.hydra.append(quote_values([f"hydra.sweep.dir={folder}"])[0])
+            config.hydra[mode].dir = str(folder)
+            config.hydra.overrides.hydra.append(quote_values([f"hydra.{mode}.dir={folder}"])[0])
 
 
 OUTCOME_FILE = "job_outcome.json"  # in each job's folder: what the sweep summary reads back

@@ -254,13 +254,14 @@ def _lock_existing_run_folder(config: DictConfig) -> str | None:
     A new folder is locked by the job itself: nothing in it to protect before then."""
     from pathlib import Path
 
+    from lm_lightning.tracking.sweep import is_stamped
     from lm_lightning.training import run_lock
 
     try:
         folder = OmegaConf.select(config, "hydra.run.dir")
     except OmegaConfBaseException:
         return None
-    if "${now:" in str(OmegaConf.to_container(config.hydra.run, resolve=False).get("dir")):
+    if is_stamped(config, "run"):
         return None  # a timestamped folder another run holds is not this one's: SweepSummary moves it aside
     if not folder or not Path(folder).is_dir():
         return None

@@ -107,7 +107,7 @@ def claim_stamped_folder(config: DictConfig, mode: str) -> None:
     its jobs in the first's job folders. The folder is taken with an atomic ``mkdir``; one that finds it taken moves
     to ``<folder>_2`` (``_3``, ...), a sweep's jobs too (an override Hydra applies when it composes each job). A
     folder named without ``${now:`` (``hydra.run.dir=<path>`` of a resume) is the user's to reuse."""
-    if "${now:" not in str(OmegaConf.to_container(config.hydra[mode], resolve=False).get("dir")):
+    if not is_stamped(config, mode):
         return
     base = Path(config.hydra[mode].dir)
     folder, number = base, 1
@@ -126,6 +126,11 @@ def claim_stamped_folder(config: DictConfig, mode: str) -> None:
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra[mode].dir = str(folder)
             config.hydra.overrides.hydra.append(quote_values([f"hydra.{mode}.dir={folder}"])[0])
+
+
+def is_stamped(config: DictConfig, mode: str) -> bool:
+    """Whether ``hydra.<mode>.dir`` (mode "run" or "sweep") is named by the time it starts (``${now:...}``)."""
+    return "${now:" in str(OmegaConf.to_container(config.hydra[mode], resolve=False).get("dir"))
 
 
 OUTCOME_FILE = "job_outcome.json"  # in each job's folder: what the sweep summary reads back

@@ -133,3 +133,10 @@ def test_the_first_training_line_runs_on_the_built_in_corpus_through_the_console
                           env=cli_env(tmp_path / "cache"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "final validation (" in proc.stdout and "W&B run folder:" in proc.stdout, line
+    # what the newcomer reads: each of Lightning's lines once (Hydra's handler; Lightning's own console would repeat
+    # it), in the run's log file too, and no cloud-service tip or deprecation warning from Lightning's own code
+    output = proc.stdout + proc.stderr
+    assert output.count("GPU available: False, used: False") == 1 and "💡 Tip" not in output
+    assert "LeafSpec" not in output
+    log_file = next(tmp_path.glob("outputs/default/runs/*/train.log")).read_text()
+    assert "GPU available: False, used: False" in log_file and "Seed set to" in log_file

@@ -166,12 +166,32 @@ def check_threads(num_threads: int | None) -> None:
 
 def set_threads(num_threads: int | None) -> None:
     """The CPU settings of every command that runs torch: ``num_threads`` intra-op threads, and freed memory kept
-    for reuse (parallel/allocator.py)."""
+    for reuse (parallel/allocator.py); and its terminal output without the dependencies' noise (``quiet_noise``)."""
     from lm_lightning.parallel.allocator import keep_freed_memory  # here: lm_lightning.parallel loads torch
 
     check_threads(num_threads)
     keep_freed_memory()
+    quiet_noise()
     if num_threads:
         import torch  # here, not at the top: a command refused before it runs never loads torch
 
         torch.set_num_threads(num_threads)
+
+
+def quiet_noise() -> None:
+    """Lines a user can do nothing about, off the terminal: the ``lightning`` package adds a console handler of its
+    own when imported, so under Hydra (whose handlers on the root logger show every record and write it to the run's
+    log file) each Lightning line showed twice: Lightning's handler goes. Lightning's tips for its cloud services
+    (litlogger, litmodels) and a deprecation warning Lightning's own code raises under this torch are dropped."""
+    import warnings
+
+    lightning = logging.getLogger("lightning")
+    if logging.getLogger().handlers:
+        for handler in [h for h in lightning.handlers if type(h) is logging.StreamHandler]:
+            lightning.removeHandler(handler)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_cloud_tips)  # a filter is added once
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+
+
+def _no_cloud_tips(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip:")

@@ -17,8 +17,8 @@ Shapes: ``nanogpt`` = BASELINES.md's CPU nanoGPT run (4 layers, 4 heads, 128 wid
 65 characters); ``small`` = 6 layers, 6 heads, 384 wide, context 256, batch 4; ``gpt2`` = GPT-2 124M
 (12 × 768, context 1024, vocabulary 50304, batch 16). Both paths train ``--steps`` steps; the median
 step time is taken after ``--warmup`` steps, as wall time between consecutive step ends (data
-loading and all framework work included). MFU is against ``--peak`` (default: 129 GFLOP/s on CPU,
-BASELINES.md; 989 TFLOP/s for bf16 on an H100).
+loading and all framework work included). MFU is against ``--peak`` (default: on CPU, this CPU's matrix-product
+peak as ``lm-lightning train`` measures it; 989 TFLOP/s for bf16 on an H100).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from lm_lightning.config.app import CONF_DIR, instantiate_group, plain
 from lm_lightning.models.gpt import GPT, GPTConfig
 from lm_lightning.parallel.cuda import optimizer_kwargs_for
 from lm_lightning.tasks.language_model import LanguageModelTask, weight_decay_groups
+from lm_lightning.tracking.callbacks import measured_cpu_peak
 from lm_lightning.training.job import Job
 
 SHAPES = {
@@ -208,7 +209,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak = args.peak or (129e9 if args.device == "cpu" else 989e12)
+    peak = args.peak or (measured_cpu_peak() if args.device == "cpu" else 989e12)
     print(f"device {args.device}, {torch.get_num_threads()} threads, precision {args.precision}, "
           f"compile {'on' if args.compile else 'off'}, {args.steps} steps, median after {args.warmup}, peak {peak:.4g} FLOP/s")
     for name in args.shapes:

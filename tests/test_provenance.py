@@ -94,9 +94,10 @@ def test_run_json_holds_the_throughput_the_callback_logged_last(run):
     assert step == 11  # the last step (counted from 0)
     assert figures["tokens_per_sec"] == pytest.approx(tokens_per_sec, rel=1e-9)  # one device: all of it
     assert figures["mfu"] == pytest.approx(logged["train/device/mfu"][-1][1], rel=1e-9)
-    assert figures["over_batches"] == 4 and figures["peak_flops_per_device"] == 129e9  # the CPU peak
+    peak = figures["peak_flops_per_device"]  # this CPU's, measured when fit started
+    assert figures["over_batches"] == 4 and 1e9 < peak < 1e14
     # MFU is the model's FLOPs at that rate over the peak
-    assert figures["mfu"] == pytest.approx(tokens_per_sec * run.record["flops_per_token"] / 129e9, rel=1e-6)
+    assert figures["mfu"] == pytest.approx(tokens_per_sec * run.record["flops_per_token"] / peak, rel=1e-6)
     assert 0 < figures["training_seconds"] <= run.record["seconds"]
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from lm_lightning.models.gpt import build_gpt
 from lm_lightning.parallel.fsdp2 import FSDP2Strategy, parallelize_fsdp2
 from lm_lightning.tasks.language_model import LanguageModelTask
-from lm_lightning.tracking.callbacks import ThroughputMonitor, reaches_loggers
+from lm_lightning.tracking.callbacks import ThroughputMonitor, measured_cpu_peak, reaches_loggers
 from lm_lightning.training.lightning_internals import align_logged_step, batches_processed_in_epoch
 
 V = 32
@@ -203,9 +203,10 @@ def monitored_fit(tmp_path, monkeypatch, monitor: ThroughputMonitor, **trainer_k
 
 
 def test_throughput_rows_take_validation_out_of_the_training_clock(tmp_path, monkeypatch):
+    peak = measured_cpu_peak()  # this CPU's, measured once per process (here, before the test's clock replaces time's)
     monitor = ThroughputMonitor(window_size=3)
     rows = monitored_fit(tmp_path, monkeypatch, monitor)
-    assert monitor.available_flops == 129e9  # the CPU peak
+    assert monitor.available_flops == int(peak) and peak > 1e9
     # every 2nd optimizer step, on the step axis of the other metrics (global_step - 1 at the end of a batch)
     assert [step for step, _ in rows] == [1, 3, 5, 7, 9, 11]
     assert all(set(metrics) >= {"train/time", "train/batches", "train/samples", "train/lengths", "epoch"}
@@ -218,7 +219,7 @@ def test_throughput_rows_take_validation_out_of_the_training_clock(tmp_path, mon
     tokens_per_s = [metrics.get("train/device/items_per_sec") for _, metrics in rows]
     assert tokens_per_s == [None, 32.0, pytest.approx(64 / 7), 32.0, 32.0, pytest.approx(64 / 7)]
     assert rows[1][1]["train/device/flops_per_sec"] == 1000.0
-    assert rows[1][1]["train/device/mfu"] == pytest.approx(1000.0 / 129e9)
+    assert rows[1][1]["train/device/mfu"] == pytest.approx(1000.0 / int(peak))
     assert not any(k.startswith("validate") for _, metrics in rows for k in metrics)
 
 
@@ -228,6 +229,27 @@ def test_throughput_is_logged_once_per_optimizer_step_with_accumulation(tmp_path
     assert [step for step, _ in rows] == [1, 3, 5, 7, 9, 11]
     assert [metrics["train/batches"] for _, metrics in rows] == [4, 8, 12, 16, 20, 24]
     assert rows[0][1]["train/device/mfu"] == pytest.approx(1000.0 / 2000.0)  # peak_flops overrides the CPU peak
+
+
+def test_a_given_cpu_peak_is_used_instead_of_the_measured_one(tmp_path, monkeypatch):
+    monitor = ThroughputMonitor(cpu_peak_flops=4000.0, window_size=3)
+    rows = monitored_fit(tmp_path, monkeypatch, monitor)
+    assert monitor.available_flops == 4000
+    assert rows[1][1]["train/device/mfu"] == pytest.approx(1000.0 / 4000.0)
+
+
+def test_the_measured_cpu_peak_is_measured_once_per_dtype_and_thread_count(monkeypatch):
+    products = []
+    monkeypatch.setattr(torch, "mm", lambda a, b: products.append(a.shape) or a @ b)
+    from lm_lightning.tracking import callbacks
+
+    callbacks._cpu_peak.cache_clear()
+    peak = measured_cpu_peak(torch.float64)
+    n = products[-1][0]  # 1,024 rows, fewer on a CPU slow in this dtype: two warm-ups and the best of five
+    assert products[-7:] == [(n, n)] * 7 and n in (256, 512, 1024)
+    assert 1e8 < peak < 1e14  # FLOP/s of a CPU
+    count = len(products)
+    assert measured_cpu_peak(torch.float64) == peak and len(products) == count  # once
 
 
 # ---- pinned internals (lm_lightning/training/lightning_internals.py)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -51,12 +52,14 @@ class ThroughputMonitor(Callback):
     timed and taken out of the training clock, but not logged: its own batch counter as the step
     would run backwards on the tracker's step axis.
 
-    Lightning knows the peak FLOP/s of GPUs but not of CPUs; ``peak_flops`` fills the gap
-    (default on CPU: 129 GFLOP/s, the fp32 matmul peak measured on this project's machines,
-    BASELINES.md). A value given here overrides Lightning's table on any device.
+    Lightning knows the peak FLOP/s of GPUs but not of CPUs: on CPU the peak is ``cpu_peak_flops`` when given, else
+    this CPU's own, measured when fit starts (:func:`measured_cpu_peak`, ~0.1 s): CPUs of one kind of machine
+    differ 2-3x (BASELINES.md's 129 GFLOP/s; 330-370 on an AVX-512 machine), so a fixed figure read above 100% MFU
+    on a faster one. ``peak_flops`` overrides Lightning's table and the measurement on any device.
     """
 
-    def __init__(self, peak_flops: float | None = None, cpu_peak_flops: float = 129e9, window_size: int = 50) -> None:
+    def __init__(self, peak_flops: float | None = None, cpu_peak_flops: float | None = None,
+                 window_size: int = 50) -> None:
         self.peak_flops, self.cpu_peak_flops, self.window_size = peak_flops, cpu_peak_flops, window_size
         self.available_flops: int | None = None  # peak FLOP/s of one device, for MFU
         self._throughput: Throughput | None = None
@@ -72,8 +75,8 @@ class ThroughputMonitor(Callback):
         peak = self.peak_flops
         if peak is None:
             peak = get_available_flops(device, PEAK_DTYPES.get(str(trainer.precision), torch.float32))
-        if peak is None and device.type == "cpu":
-            peak = self.cpu_peak_flops
+        if peak is None and device.type == "cpu" and trainer.is_global_zero:  # the rank that logs
+            peak = self.cpu_peak_flops or measured_cpu_peak(PEAK_DTYPES.get(str(trainer.precision), torch.float32))
         self.available_flops = None if peak is None else int(peak)
 
     @rank_zero_only
@@ -127,6 +130,31 @@ class ThroughputMonitor(Callback):
                 rank_zero_warn(f"ThroughputMonitor needs a `flops_per_batch` attribute or property in "
                                f"{type(pl_module).__name__} to compute FLOP/s and MFU")
         return pl_module.flops_per_batch if self._flops_known else None
+
+
+def measured_cpu_peak(dtype: torch.dtype = torch.float32) -> float:
+    """Matrix-product FLOP/s of this CPU in ``dtype`` at torch's current thread count, as BASELINES.md measures the
+    CPU's practical peak: the best of five square products after two warm-ups, at 1,024 rows (smaller where one
+    product takes over 5 ms at 512, as bf16 on a CPU without bf16 units does). Measured once per process."""
+    return _cpu_peak(dtype, torch.get_num_threads())
+
+
+@functools.cache
+def _cpu_peak(dtype: torch.dtype, threads: int) -> float:
+    def timed(n: int, repeats: int) -> float:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    n = 256
+    while n < 1024 and timed(n, 2) < 5e-3:
+        n *= 2
+    timed(n, 2)  # warm-up at the size measured
+    return 2 * n**3 / timed(n, 5)
 
 
 def _clock(trainer: L.Trainer) -> float:

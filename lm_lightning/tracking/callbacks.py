@@ -134,8 +134,9 @@ class ThroughputMonitor(Callback):
 
 def measured_cpu_peak(dtype: torch.dtype = torch.float32) -> float:
     """Matrix-product FLOP/s of this CPU in ``dtype`` at torch's current thread count, as BASELINES.md measures the
-    CPU's practical peak: the best of five square products after two warm-ups, at 1,024 rows (smaller where one
-    product takes over 5 ms at 512, as bf16 on a CPU without bf16 units does). Measured once per process."""
+    CPU's practical peak: the best of five square products after two warm-ups, at 1,024 rows, or at 256 or 512
+    where a product of that size takes over 5 ms already (bf16 on a CPU without bf16 units). Measured once per
+    process."""
     return _cpu_peak(dtype, torch.get_num_threads())
 
 

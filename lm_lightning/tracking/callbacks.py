@@ -72,11 +72,12 @@ class ThroughputMonitor(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         device = trainer.strategy.root_device
+        dtype = PEAK_DTYPES.get(str(trainer.precision), torch.float32)  # what the run computes in
         peak = self.peak_flops
         if peak is None:
-            peak = get_available_flops(device, PEAK_DTYPES.get(str(trainer.precision), torch.float32))
+            peak = get_available_flops(device, dtype)
         if peak is None and device.type == "cpu" and trainer.is_global_zero:  # the rank that logs
-            peak = self.cpu_peak_flops or measured_cpu_peak(PEAK_DTYPES.get(str(trainer.precision), torch.float32))
+            peak = self.cpu_peak_flops or measured_cpu_peak(dtype)
         self.available_flops = None if peak is None else int(peak)
 
     @rank_zero_only
